@@ -1,0 +1,98 @@
+"""`ptm` command line: parses arguments and calls one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_EPILOG = "Job keys are documented in ptm_dist/config.py and README (Job file)."
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job YAML file (default: the built-in tiny job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptm", description="Language-model pretraining on Ray + DeepSpeed.",
+                                     epilog=_EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain a model (Ray Train + DeepSpeed ZeRO)",
+                       description="Pretrain a model. Resumes <run.storage>/<run.name> when it has a checkpoint.",
+                       epilog=_EPILOG)
+    _job_args(p)
+    p = sub.add_parser("prepare", help="build the corpus shard lists and train the tokenizer",
+                       description="Find the job's shards, build the built-in corpus if used, train the tokenizer.")
+    _job_args(p)
+    p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint",
+                       description="Export the newest complete checkpoint of a run (or a given checkpoint).")
+    p.add_argument("src", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def cmd_pretrain(args) -> None:
+    from ptm_dist.config import load
+    from ptm_dist.train.pretrain import pretrain
+
+    pretrain(load(args.job, args.overrides))
+
+
+def cmd_prepare(args) -> None:
+    from ptm_dist.config import load
+    from ptm_dist.data.prepare import prepare_data
+
+    data = prepare_data(load(args.job, args.overrides))
+    print(f"training shards: {len(data.train)}")
+    print(f"held-out shards: {len(data.val)}")
+    print(f"tokenizer: {data.tokenizer_dir}")
+
+
+def cmd_export(args) -> None:
+    from ptm_dist.export import export
+
+    info = export(args.src, args.out)
+    print(f"exported {info['checkpoint']} (step {info['step']}); "
+          f"probe logits match within {info['max_abs_logit_diff']:.2g}")
+    print(f"out: {info['out']}")
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for errors that are the user's to fix, else None."""
+    from ptm_dist.config import ConfigError
+    from ptm_dist.data.sources import DataError
+
+    user = (ConfigError, DataError, FileNotFoundError)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, user):
+            return str(e)
+        if type(e).__name__ == "ExportError":
+            return str(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handler = {"pretrain": cmd_pretrain, "prepare": cmd_prepare, "export": cmd_export}[args.command]
+    try:
+        handler(args)
+    except KeyboardInterrupt:
+        print("ptm: interrupted; the newest complete checkpoint is kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line, others keep the traceback
+        msg = _user_error(e)
+        if msg is None:
+            raise
+        print(f"ptm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

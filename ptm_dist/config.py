@@ -1,0 +1,285 @@
+"""The job schema: YAML job files loaded into typed, validated pydantic models.
+
+    cfg = load("jobs/tiny.yaml", ["train.lr=3e-4", "scaling.num_workers=4"])
+
+Every field has a description (``ptm pretrain --help`` and README point here). Unknown keys
+and bad values raise :class:`ConfigError`, whose message has one line per problem naming the
+field path, the value given and what is allowed. The schema defaults are the default job
+(``jobs/tiny.yaml`` spells them out), so ``ptm pretrain`` with no file needs nothing on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file or override is invalid; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("tiny", description="Run name; the run directory is <storage>/<name>.")
+    storage: str = Field(
+        "./runs",
+        description="Where run directories live: a local path (relative paths are taken from "
+        "the current directory) or a URI such as s3://bucket/prefix.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
+    resume: bool = Field(
+        True,
+        description="true: continue from the newest complete checkpoint of <storage>/<name>. "
+        "false: never reuse it; a run directory that already holds a run gets a fresh "
+        "directory <name>-2, <name>-3, ...",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", "..") or v.strip() != v:
+            raise ValueError("must be a non-empty directory name without '/' or spaces at the ends")
+        return v
+
+
+class ModelSection(_Section):
+    family: Literal["gpt2", "llama", "bert"] = Field(
+        "gpt2", description="Architecture family: gpt2 and llama are causal LMs, bert is a masked LM."
+    )
+    size: str = Field("tiny", description="Named size from ptm_dist.models.SIZES for the family.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 for pretraining).")
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="Fraction of tokens masked for the bert family."
+    )
+
+    @model_validator(mode="after")
+    def _size_exists(self) -> "ModelSection":
+        from ptm_dist.models import SIZES
+
+        sizes = SIZES[self.family]
+        if self.size not in sizes:
+            raise ValueError(
+                f"model.size {self.size!r} does not exist for family {self.family!r}; "
+                f"allowed: {', '.join(sizes)}"
+            )
+        return self
+
+
+class SourceSection(_Section):
+    path: str = Field(
+        ...,
+        description="'builtin' (the corpus built from Python's own documentation), a local "
+        "directory, file or glob, or a URI (s3://, gs://, file://).",
+    )
+    format: Literal["auto", "jsonl", "parquet", "txt"] = Field(
+        "auto", description="Shard format; auto picks it from the file extension."
+    )
+    text_column: str = Field("text", description="Column (jsonl key) holding the document text.")
+
+
+class TokenizerSection(_Section):
+    path: str | None = Field(
+        None,
+        description="Directory with a Hugging Face tokenizer (tokenizer.json). Empty: a byte-level "
+        "BPE tokenizer is trained on the corpus and cached under data.cache_dir.",
+    )
+    vocab_size: int = Field(4096, ge=260, le=262144, description="Vocabulary size when training one.")
+
+
+class DataSection(_Section):
+    sources: list[SourceSection] = Field(
+        default_factory=lambda: [SourceSection(path="builtin")],
+        description="Training shards.",
+    )
+    val_sources: list[SourceSection] = Field(
+        default_factory=list,
+        description="Held-out shards. Empty: the builtin corpus's own held-out split, or "
+        "data.val_fraction of the training shards (never both train and val).",
+    )
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Fraction of training shards held out when val_sources is empty."
+    )
+    seq_len: int = Field(128, ge=8, le=131072, description="Tokens per packed training sequence.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    cache_dir: str | None = Field(
+        None,
+        description="Where the builtin corpus and trained tokenizers are kept. Empty: "
+        "$PTM_DIST_CACHE, else ~/.cache/ptm-dist.",
+    )
+    read_concurrency: int = Field(
+        2, ge=1, description="Shards read, tokenized and packed in parallel per worker stream."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _not_empty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must name at least one source")
+        return v
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
+    micro_batch: int = Field(8, ge=1, description="Sequences per worker per forward/backward.")
+    grad_accum: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
+    lr: float = Field(2e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(2e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0: off).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+    eval_every: int = Field(100, ge=1, description="Evaluate on held-out data every N steps (and at 0 and the end).")
+    eval_sequences: int = Field(64, ge=1, description="Held-out sequences per evaluation (all workers together).")
+    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_ckpts: int = Field(2, ge=1, description="Complete checkpoints kept; the newest is never deleted.")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainSection":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr {self.min_lr} must not exceed train.lr {self.lr}")
+        return self
+
+
+class ZeroSection(_Section):
+    stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (plain DDP) to 3.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "ZeroSection":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("zero.offload_params needs zero.stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
+        return self
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU, or CPU slots).")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="auto: use GPUs when the Ray cluster has any."
+    )
+    resources_per_worker: dict[str, float] | None = Field(
+        None,
+        description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Empty: 1 GPU on GPU runs, "
+        "1 CPU on CPU runs.",
+    )
+
+
+class JobConfig(_Section):
+    """A whole job: what `ptm pretrain JOB` runs."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def cache_dir(cfg: JobConfig) -> Path:
+    root = cfg.data.cache_dir or os.environ.get("PTM_DIST_CACHE") or "~/.cache/ptm-dist"
+    return Path(root).expanduser().resolve()
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {path}: unknown key{_suggest(e['loc'])}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{origin}: {path or '(top level)'}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """' (did you mean train.lr?)' for a misspelt key, else the allowed keys."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        inner = getattr(ann, "__args__", (ann,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    prefix = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    if close:
+        return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+    return f"; allowed: {', '.join(allowed)}"
+
+
+def apply_override(doc: dict, override: str) -> None:
+    """Apply one 'dotted.key=value' override in place; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = doc
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job file (None: the defaults) and apply --set overrides, validating the result."""
+    origin = str(path) if path else "default job"
+    doc: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: job file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a job file must be a mapping of sections, got {type(loaded).__name__}")
+        doc = loaded
+    for ov in overrides or []:
+        apply_override(doc, ov)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return JobConfig.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None

@@ -1,0 +1,213 @@
+"""Read -> tokenize -> pack, streamed with Ray Data into one training worker.
+
+Each worker (rank) owns a deterministic slice of the shards for each epoch: the shard list is
+permuted with (run.seed, epoch) and rank r takes every world-th shard from position r. One Ray
+Data task reads, tokenizes and packs one shard (``pack_shard``), so the tasks spread over the
+cluster while ``preserve_order`` keeps the stream order fixed. That fixed order is what makes
+an exact, mid-epoch resume possible in open-source Ray (whose streams cannot resume,
+ray-project/ray#37633): the data position is the id of the last sequence consumed.
+
+Every packed sequence has a stable id, ``shard_index << 32 | chunk_index``; ids are the same in
+every run over the same shard list (the same idea as Ray's upcoming row-id based
+``DatasetCheckpointConfig``). Sequences are ``seq_len`` tokens of documents joined by EOS, no
+padding; a shard's last partial sequence is dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ptm_dist.data.sources import DataError, Shard, read_documents
+
+ID_SHIFT = 32
+_DOCS_PER_ENCODE = 256
+
+
+def sequence_id(shard_index: int, chunk: int) -> int:
+    return (shard_index << ID_SHIFT) | chunk
+
+
+def split_id(seq_id: int) -> tuple[int, int]:
+    return seq_id >> ID_SHIFT, seq_id & ((1 << ID_SHIFT) - 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def pack_shard(
+    shard: Shard, shard_index: int, tokenizer_json: str, seq_len: int, eos_id: int, skip: int = 0,
+    out_rows: int = 256,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches {"id": int64[n], "input_ids": int32[n, seq_len]} of one shard's packed sequences.
+
+    The first ``skip`` sequences are not emitted (used on resume). Memory is bounded by one
+    encode batch plus ``out_rows`` sequences, whatever the shard size.
+    """
+    tok = _tokenizer(tokenizer_json)
+    buf = np.empty(0, dtype=np.int32)
+    chunk = 0
+    ids: list[int] = []
+    rows: list[np.ndarray] = []
+
+    def encode(docs: list[str]) -> np.ndarray:
+        encs = tok.encode_batch_fast(docs, add_special_tokens=False)
+        parts = []
+        for e in encs:
+            parts.append(np.asarray(e.ids, dtype=np.int32))
+            parts.append(np.array([eos_id], dtype=np.int32))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
+    docs: list[str] = []
+    doc_iter = read_documents(shard)
+    done = False
+    while not done:
+        try:
+            docs.append(next(doc_iter))
+        except StopIteration:
+            done = True
+        if docs and (done or len(docs) >= _DOCS_PER_ENCODE):
+            buf = np.concatenate([buf, encode(docs)])
+            docs = []
+            n_full = len(buf) // seq_len
+            for k in range(n_full):
+                if chunk >= skip:
+                    ids.append(sequence_id(shard_index, chunk))
+                    rows.append(buf[k * seq_len : (k + 1) * seq_len])
+                chunk += 1
+            buf = buf[n_full * seq_len :]
+            if len(rows) >= out_rows or (done and rows):
+                yield {"id": np.asarray(ids, dtype=np.int64), "input_ids": np.stack(rows)}
+                ids, rows = [], []
+    if rows:
+        yield {"id": np.asarray(ids, dtype=np.int64), "input_ids": np.stack(rows)}
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """Global shard indices rank ``rank`` reads in ``epoch``, in order."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return [int(i) for i in perm[rank::world]]
+
+
+@dataclass
+class DataPosition:
+    """Where a rank's stream stands: the epoch and the last sequence consumed in it."""
+
+    epoch: int = 0
+    last_id: int | None = None
+    consumed: int = 0  # sequences consumed in this epoch by this rank
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.last_id, self.consumed = state["epoch"], state["last_id"], state["consumed"]
+
+
+def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
+    """Ray Data UDF: one input row (a shard) -> batches of packed sequences."""
+    for i in range(len(batch["uri"])):
+        shard = Shard(str(batch["uri"][i]), str(batch["format"][i]), str(batch["text_column"][i]))
+        yield from pack_shard(
+            shard, int(batch["shard_index"][i]), tokenizer_json, seq_len, eos_id, int(batch["skip"][i])
+        )
+
+
+class SequenceStream:
+    """Endless iterator of (id, tokens) for one rank, epoch after epoch, resumable.
+
+    ``use_ray=False`` runs the same packing in this process (debugging, reference runs in
+    tests); both give the same sequences in the same order.
+    """
+
+    def __init__(
+        self, shards: list[Shard], tokenizer_json: str, seq_len: int, eos_id: int, seed: int,
+        rank: int, world: int, concurrency: int = 2, use_ray: bool = True,
+    ):
+        if len(shards) < world:
+            raise DataError(
+                f"the training data has {len(shards)} shard(s) but there are {world} workers; "
+                "every worker needs at least one shard (add shards or lower scaling.num_workers)"
+            )
+        self.shards, self.tok_json, self.seq_len, self.eos_id = shards, tokenizer_json, seq_len, eos_id
+        self.seed, self.rank, self.world = seed, rank, world
+        self.concurrency, self.use_ray = concurrency, use_ray
+        self.position = DataPosition()
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.load_state_dict(state)
+
+    def _epoch_plan(self) -> list[tuple[int, int]]:
+        """(shard_index, skip) for what remains of the current epoch."""
+        order = shard_order(len(self.shards), self.seed, self.position.epoch, self.rank, self.world)
+        if self.position.last_id is None:
+            return [(i, 0) for i in order]
+        last_shard, last_chunk = split_id(self.position.last_id)
+        start = order.index(last_shard)
+        return [(last_shard, last_chunk + 1)] + [(i, 0) for i in order[start + 1 :]]
+
+    def _epoch_batches(self, plan: list[tuple[int, int]]) -> Iterator[dict]:
+        if not self.use_ray:
+            for idx, skip in plan:
+                yield from pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip)
+            return
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        items = [
+            {"uri": self.shards[i].uri, "format": self.shards[i].format,
+             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip}
+            for i, skip in plan
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _pack_rows,
+            batch_size=1,
+            fn_kwargs={"tokenizer_json": self.tok_json, "seq_len": self.seq_len, "eos_id": self.eos_id},
+            concurrency=self.concurrency,
+            num_cpus=1,
+        )
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        while True:
+            emitted = False
+            for batch in self._epoch_batches(self._epoch_plan()):
+                for seq_id, tokens in zip(batch["id"].tolist(), batch["input_ids"]):
+                    emitted = True
+                    self.position.last_id = seq_id
+                    self.position.consumed += 1
+                    yield seq_id, tokens
+            if not emitted and self.position.last_id is None:
+                raise DataError(
+                    f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="
+                    f"{self.seq_len} tokens in epoch {self.position.epoch}"
+                )
+            self.position = DataPosition(epoch=self.position.epoch + 1)
+
+
+def take_sequences(
+    shards: list[Shard], tokenizer_json: str, seq_len: int, eos_id: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` packed sequences of ``shards`` in order (held-out evaluation set)."""
+    ids, rows = [], []
+    for idx, shard in enumerate(shards):
+        for batch in pack_shard(shard, idx, tokenizer_json, seq_len, eos_id):
+            ids.extend(batch["id"].tolist())
+            rows.extend(batch["input_ids"])
+            if len(rows) >= n:
+                return np.asarray(ids[:n]), np.stack(rows[:n])
+    if not rows:
+        raise DataError(f"the held-out shards hold no complete sequence of {seq_len} tokens")
+    return np.asarray(ids), np.stack(rows)

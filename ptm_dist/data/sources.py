@@ -1,0 +1,195 @@
+"""Finding corpus shards and reading documents out of them.
+
+Paths are local paths, globs or URIs (s3://, gs://, file://); all go through pyarrow
+filesystems, so whatever pyarrow reaches works the same way. Every problem raises
+:class:`DataError` naming the shard (and the line or row where known).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+FORMATS_BY_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".jsonl.zst": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
+
+
+class DataError(RuntimeError):
+    """A shard or source cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a source. ``uri`` is what users see; ``path`` is the filesystem's path."""
+
+    uri: str
+    format: str
+    text_column: str
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        return resolve_fs(self.uri)
+
+
+def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
+            raise DataError(f"{uri}: cannot open this location: {e}") from None
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _format_of(name: str, declared: str) -> str | None:
+    if declared != "auto":
+        return declared
+    lower = name.lower()
+    for suffix, fmt in sorted(FORMATS_BY_SUFFIX.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+def _join(uri: str, fs_path: str, base_path: str) -> str:
+    """Rebuild a user-facing URI for a file found under a listed directory."""
+    if "://" not in uri:
+        return fs_path
+    scheme = uri.split("://", 1)[0]
+    return f"{scheme}://{fs_path}"
+
+
+def find_shards(path: str, format: str = "auto", text_column: str = "text") -> list[Shard]:
+    """All shards named by ``path`` (file, directory or glob), sorted by name."""
+    has_glob = any(c in path for c in "*?[")
+    base = path
+    if has_glob:
+        cut = min(path.index(c) for c in "*?[" if c in path)
+        base = path[:cut].rsplit("/", 1)[0] or "/"
+    fs, base_path = resolve_fs(base)
+    try:
+        info = fs.get_file_info(base_path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot reach this location: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path}: no such file or directory")
+    if info.type == pafs.FileType.File and not has_glob:
+        candidates = [info.path]
+    else:
+        try:
+            listing = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
+        except OSError as e:
+            raise DataError(f"{path}: cannot list this location: {e}") from None
+        candidates = sorted(i.path for i in listing if i.type == pafs.FileType.File)
+        if has_glob:
+            pattern = resolve_fs(path)[1] if "://" not in path else path.split("://", 1)[1]
+            candidates = [c for c in candidates if fnmatch.fnmatch(c, pattern)]
+        candidates = [c for c in candidates if not Path(c).name.startswith((".", "_"))]
+    shards = []
+    for c in candidates:
+        fmt = _format_of(c, format)
+        if fmt is None:
+            if info.type == pafs.FileType.File:
+                raise DataError(
+                    f"{c}: cannot tell the format from the extension; set format to one of "
+                    "jsonl, parquet, txt"
+                )
+            continue  # files of other kinds in a directory (READMEs, indexes) are not shards
+        shards.append(Shard(_join(path, c, base_path), fmt, text_column))
+    if not shards:
+        raise DataError(
+            f"{path}: no shards found (looked for {', '.join(sorted(FORMATS_BY_SUFFIX))} files)"
+        )
+    return shards
+
+
+def read_documents(shard: Shard) -> Iterator[str]:
+    """Yield the documents of one shard, streaming; bad content raises DataError."""
+    fs, p = shard.filesystem()
+    try:
+        if shard.format == "jsonl":
+            yield from _read_jsonl(fs, p, shard)
+        elif shard.format == "parquet":
+            yield from _read_parquet(fs, p, shard)
+        elif shard.format == "txt":
+            with fs.open_input_stream(p, compression="detect") as f:
+                raw = f.read()
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{shard.uri}: byte {e.start}: not valid UTF-8") from None
+        else:
+            raise DataError(f"{shard.uri}: unknown format {shard.format!r}; allowed: jsonl, parquet, txt")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{shard.uri}: cannot read shard: {e}") from None
+
+
+def _read_jsonl(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
+    with fs.open_input_stream(p, compression="detect") as f:
+        lineno = 0
+        buf = b""
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                lineno += 1
+                text = _jsonl_text(line, lineno, shard)
+                if text is not None:
+                    yield text
+        if buf.strip():
+            text = _jsonl_text(buf, lineno + 1, shard)
+            if text is not None:
+                yield text
+
+
+def _jsonl_text(line: bytes, lineno: int, shard: Shard) -> str | None:
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except UnicodeDecodeError:
+        raise DataError(f"{shard.uri}: line {lineno}: not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{shard.uri}: line {lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or shard.text_column not in obj:
+        keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(
+            f"{shard.uri}: line {lineno}: no text column {shard.text_column!r} (found: {keys})"
+        )
+    text = obj[shard.text_column]
+    if not isinstance(text, str):
+        raise DataError(f"{shard.uri}: line {lineno}: {shard.text_column!r} is not a string")
+    return text
+
+
+def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
+    pf = pq.ParquetFile(fs.open_input_file(p))
+    names = pf.schema_arrow.names
+    if shard.text_column not in names:
+        raise DataError(
+            f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})"
+        )
+    row = 0
+    for batch in pf.iter_batches(columns=[shard.text_column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{shard.uri}: row {row}: {shard.text_column!r} is not a string")
+            yield text

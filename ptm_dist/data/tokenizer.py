@@ -1,0 +1,93 @@
+"""Byte-level BPE tokenizers: trained with Hugging Face ``tokenizers``, saved for transformers.
+
+A trained tokenizer is a directory that ``AutoTokenizer.from_pretrained`` loads offline
+(tokenizer.json, tokenizer_config.json, special tokens). It is cached by a key made of the
+corpus shard list and the vocabulary size, so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ptm_dist.data.sources import Shard, read_documents
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+MASK = "<mask>"
+SPECIAL_TOKENS = [EOS, PAD, MASK]
+TRAIN_SAMPLE_BYTES = 64 << 20  # text sampled for tokenizer training
+
+
+def tokenizer_key(shards: list[Shard], vocab_size: int) -> str:
+    h = hashlib.sha1(json.dumps([[s.uri, s.format, s.text_column] for s in shards]).encode())
+    return f"bpe-{vocab_size}-{h.hexdigest()[:12]}"
+
+
+def _sample(shards: list[Shard], budget: int) -> Iterator[str]:
+    """Documents from shards spread over the list, until ``budget`` bytes are taken."""
+    taken = 0
+    step = max(1, len(shards) // 64)  # at most ~64 shards are opened for the sample
+    for shard in shards[::step]:
+        for doc in read_documents(shard):
+            yield doc
+            taken += len(doc)
+            if taken >= budget:
+                return
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_for_transformers(tok: Tokenizer, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD, mask_token=MASK
+    )
+    fast.save_pretrained(str(out))
+
+
+def ensure_tokenizer(shards: list[Shard], vocab_size: int, cache: Path) -> Path:
+    """Directory of the cached tokenizer for these shards, training it first if missing."""
+    out = cache / "tokenizers" / tokenizer_key(shards, vocab_size)
+    if (out / "tokenizer.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(_sample(shards, TRAIN_SAMPLE_BYTES), vocab_size)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
+    try:
+        save_for_transformers(tok, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "tokenizer.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    ids = {name: tok.token_to_id(t) for name, t in (("eos", EOS), ("pad", PAD), ("mask", MASK))}
+    missing = [SPECIAL_TOKENS[i] for i, v in enumerate(ids.values()) if v is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}; ptm-dist needs {SPECIAL_TOKENS}")
+    return ids

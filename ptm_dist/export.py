@@ -1,0 +1,75 @@
+"""`ptm export`: a checkpoint -> a Hugging Face model directory that plain transformers loads.
+
+Weights come from DeepSpeed's checkpoint (ZeRO shards are merged into fp32 weights with
+DeepSpeed's own ``zero_to_fp32``); the tokenizer is copied. The export then checks itself:
+the exported model's logits on the probe sequence saved with the checkpoint must equal the
+logits the live, distributed model computed when it saved.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from ptm_dist import checkpoint as ckpt_lib
+from ptm_dist import models, storage
+from ptm_dist.config import JobConfig
+
+# Logit tolerance for the self-check: exact arithmetic differs only in reduction order in fp32;
+# bf16/fp16 runs evaluated their probe with half-precision weights.
+_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    ds_dir = local / ckpt_lib.DS_TAG
+    if zero_stage == 0:
+        states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=ckpt_lib.DS_TAG)
+
+
+def export(src: str, out: str) -> dict:
+    """Export the checkpoint named by ``src`` (run or checkpoint directory) into ``out``."""
+    from transformers import AutoTokenizer
+
+    ckpt = ckpt_lib.resolve_source(src)
+    meta = ckpt_lib.read_meta(ckpt)
+    local, is_tmp = storage.local_copy(ckpt)
+    try:
+        cfg = JobConfig.model_validate(yaml.safe_load((local / "job.yaml").read_text()))
+        tok = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
+        special = models.SpecialTokens(eos=tok.eos_token_id, pad=tok.pad_token_id, mask=tok.mask_token_id)
+        hf_cfg = models.hf_config(cfg.model.family, cfg.model.size, len(tok), cfg.data.seq_len, special)
+        model = models.build(hf_cfg)
+        sd = _state_dict(local, meta["zero_stage"])
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise ExportError(f"{ckpt}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        model.tie_weights()
+        model.eval()
+        probe = torch.load(local / "probe.pt", map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            logits = model(input_ids=probe["input_ids"]).logits.float()
+        diff = float((logits - probe["logits"]).abs().max())
+        tol = _TOLERANCE[probe["precision"]]
+        if diff > tol:
+            raise ExportError(f"{ckpt}: exported logits differ from the trained model's by {diff:.3g} (> {tol})")
+        out_dir = Path(out).expanduser().resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        for f in (local / "tokenizer").iterdir():
+            shutil.copy2(f, out_dir / f.name)
+    finally:
+        storage.drop_local_copy(local, is_tmp)
+    return {"checkpoint": ckpt, "out": str(out_dir), "step": meta["step"], "max_abs_logit_diff": diff}

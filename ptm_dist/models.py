@@ -1,0 +1,141 @@
+"""Model registry: family + named size -> a randomly initialised transformers model.
+
+Model code here is single-device and knows nothing of DeepSpeed or Ray; distribution is
+applied from outside (ptm_dist.engine). ``flops_per_token`` gives the training FLOPs per token
+used for MFU (6N plus the attention term, as in nanoGPT and the PaLM paper's appendix B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int | None = None  # llama grouped-query attention
+    intermediate: int | None = None  # defaults to 4 * hidden
+
+
+# The debug sizes stay well under 1M parameters (with a small vocabulary) for tests.
+SIZES: dict[str, dict[str, Size]] = {
+    "gpt2": {
+        "debug": Size(32, 2, 2),
+        "tiny": Size(128, 4, 4),
+        "124m": Size(768, 12, 12),
+        "350m": Size(1024, 24, 16),
+        "1b": Size(2048, 24, 16),
+    },
+    "llama": {
+        "debug": Size(32, 2, 2, kv_heads=1, intermediate=64),
+        "tiny": Size(128, 4, 4, kv_heads=2, intermediate=352),
+        "124m": Size(768, 12, 12, kv_heads=4, intermediate=2048),
+        "1b": Size(2048, 16, 32, kv_heads=8, intermediate=8192),
+    },
+    "bert": {
+        "debug": Size(32, 2, 2),
+        "tiny": Size(128, 4, 4),
+        "124m": Size(768, 12, 12),
+        "350m": Size(1024, 24, 16),
+    },
+}
+
+CAUSAL_FAMILIES = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    eos: int
+    pad: int
+    mask: int
+
+
+def hf_config(
+    family: str, size: str, vocab_size: int, seq_len: int, special: SpecialTokens, dropout: float = 0.0
+) -> PretrainedConfig:
+    s = SIZES[family][size]
+    inter = s.intermediate or 4 * s.hidden
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max(seq_len, 1024 if size != "debug" else seq_len),
+            n_embd=s.hidden,
+            n_layer=s.layers,
+            n_head=s.heads,
+            n_inner=inter,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=special.eos,
+            eos_token_id=special.eos,
+            pad_token_id=special.pad,
+        )
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.hidden,
+            intermediate_size=inter,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            num_key_value_heads=s.kv_heads or s.heads,
+            max_position_embeddings=max(seq_len, 2048 if size != "debug" else seq_len),
+            attention_dropout=dropout,
+            tie_word_embeddings=size in ("debug", "tiny"),
+            bos_token_id=special.eos,
+            eos_token_id=special.eos,
+            pad_token_id=special.pad,
+        )
+    if family == "bert":
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.hidden,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            intermediate_size=inter,
+            max_position_embeddings=max(seq_len, 512 if size != "debug" else seq_len),
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            pad_token_id=special.pad,
+        )
+    raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(SIZES)}")
+
+
+_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "bert": BertForMaskedLM}
+
+
+def build(config: PretrainedConfig, seed: int | None = None) -> PreTrainedModel:
+    """A randomly initialised model with SDPA attention; the same seed gives the same weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    return _CLASSES[config.model_type](config)
+
+
+def num_params(model: torch.nn.Module, exclude_position_embeddings: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_position_embeddings:
+        for name, p in model.named_parameters():
+            if name.endswith(("wpe.weight", "position_embeddings.weight")):
+                n -= p.numel()
+    return n
+
+
+def flops_per_token(config: PretrainedConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls with weights plus 12*L*H*Q*T for attention."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len

@@ -1,0 +1,88 @@
+"""Paths that are either local or URIs (s3://, gs://, ...), through pyarrow filesystems.
+
+Run directories, checkpoints and metrics all live at ``<run.storage>/<run.name>``, which may be
+object storage; everything that touches them goes through these few helpers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it); local paths are made absolute."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def absolute(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def list_dirs(path: str) -> list[str]:
+    """Names of the directories directly under ``path`` (empty if it does not exist)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def read_text(path: str) -> str:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small file so readers see the old content or the new, never a torn one."""
+    fs, p = resolve(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(text.encode("utf-8"))
+        fs.move(tmp, p)  # rename: atomic on one filesystem
+    else:  # an object-store PUT is atomic by itself
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode("utf-8"))
+
+
+def delete_dir(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+
+
+def local_copy(path: str) -> tuple[Path, bool]:
+    """(a local directory with the contents of ``path``, whether it is a temporary copy)."""
+    if not is_uri(path):
+        return Path(path), False
+    fs, p = resolve(path)
+    tmp = Path(tempfile.mkdtemp(prefix="ptm-ckpt-"))
+    pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp, True
+
+
+def drop_local_copy(path: Path, is_temp: bool) -> None:
+    if is_temp:
+        shutil.rmtree(path, ignore_errors=True)

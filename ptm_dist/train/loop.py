@@ -1,0 +1,283 @@
+"""The pretraining loop that runs on every Ray Train worker.
+
+    model -> DeepSpeed engine -> restore newest complete checkpoint -> for each step:
+    stream micro batches -> train_step -> metrics every log_every -> eval every eval_every
+    -> checkpoint every ckpt_every (on every rank, through ray.train.report)
+
+Everything needed to resume exactly is restored: weights, optimizer, LR schedule (DeepSpeed),
+step, RNG states and the data position (per rank files).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ptm_dist import checkpoint as ckpt_lib
+from ptm_dist import models, storage
+from ptm_dist.config import JobConfig
+from ptm_dist.data.pipeline import SequenceStream, take_sequences
+from ptm_dist.data.sources import Shard
+from ptm_dist.engine import initialize, manual_clip
+from ptm_dist.tracking import MetricsLog, gpu_peak_flops
+from ptm_dist.train.step import Objective, eval_loss_sums, train_step
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def objective_for(cfg: JobConfig, special: dict, vocab_size: int) -> Objective:
+    if cfg.model.family in models.CAUSAL_FAMILIES:
+        return Objective(causal=True)
+    return Objective(
+        causal=False, mask_id=special["mask"], vocab_size=vocab_size,
+        mlm_probability=cfg.model.mlm_probability, special_ids=(special["eos"], special["pad"]),
+    )
+
+
+class Trainer:
+    """State of one worker's run: engine, stream, step counters. Usable without Ray."""
+
+    def __init__(self, config: dict, rank: int, world: int, device: torch.device):
+        self.cfg = cfg = JobConfig.model_validate(config["job"])
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.run_dir: str = config["run_dir"]
+        special = config["special"]
+        vocab = config["vocab_size"]
+        self.hf_config = models.hf_config(
+            cfg.model.family, cfg.model.size, vocab, cfg.data.seq_len,
+            models.SpecialTokens(**special), cfg.model.dropout,
+        )
+        model = models.build(self.hf_config, seed=cfg.run.seed)
+        self.n_params = models.num_params(model)
+        self.flops_per_token = models.flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
+        self.engine, self.precision = initialize(model, cfg, device)
+        self.clip = manual_clip(cfg, self.precision)
+        self.obj = objective_for(cfg, special, vocab)
+        shards = [Shard(**s) for s in config["train_shards"]]
+        self.stream = SequenceStream(
+            shards, config["tokenizer_json"], cfg.data.seq_len, special["eos"], cfg.run.seed,
+            rank, world, cfg.data.read_concurrency, use_ray=config.get("use_ray_data", True),
+        )
+        val_ids, val = take_sequences(
+            [Shard(**s) for s in config["val_shards"]], config["tokenizer_json"],
+            cfg.data.seq_len, special["eos"], cfg.train.eval_sequences,
+        )
+        self.probe = torch.as_tensor(val[:1], dtype=torch.long, device=device)
+        self.val = torch.as_tensor(val[rank::world], dtype=torch.long, device=device)
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ state
+
+    def restore(self, ckpt_dir: str) -> None:
+        meta = ckpt_lib.read_meta(ckpt_dir)
+        if meta["world_size"] != self.world:
+            raise RuntimeError(
+                f"{ckpt_dir} was written by {meta['world_size']} workers but this run has "
+                f"{self.world}; resume with scaling.num_workers={meta['world_size']}"
+            )
+        local, is_tmp = storage.local_copy(ckpt_dir)
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(local), tag=ckpt_lib.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
+            state = torch.load(local / f"rank_{self.rank}.pt", weights_only=False)
+        finally:
+            storage.drop_local_copy(local, is_tmp)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+
+    def save_local(self, out: Path) -> None:
+        """Write this rank's part of a checkpoint into local directory ``out``."""
+        self.engine.save_checkpoint(str(out), tag=ckpt_lib.DS_TAG, save_latest=False)
+        torch.save(
+            {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "rng": rng_state()},
+            out / f"rank_{self.rank}.pt",
+        )
+        logits = self.probe_logits()
+        if self.rank == 0:
+            (out / "job.yaml").write_text(self.cfg.to_yaml())
+            tok_dir = out / "tokenizer"
+            tok_dir.mkdir()
+            for name, text in self.config["tokenizer_files"].items():
+                (tok_dir / name).write_text(text)
+            torch.save({"input_ids": self.probe.cpu(), "logits": logits.cpu(), "precision": self.precision},
+                       out / "probe.pt")
+
+    @torch.no_grad()
+    def probe_logits(self) -> torch.Tensor:
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        out = self.engine(input_ids=self.probe).logits.float()
+        module.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ steps
+
+    def next_micro_batches(self, it) -> tuple[list[torch.Tensor], float]:
+        t0 = time.perf_counter()
+        mbs = []
+        for _ in range(self.cfg.train.grad_accum):
+            rows = [next(it)[1] for _ in range(self.cfg.train.micro_batch)]
+            mbs.append(torch.as_tensor(np.stack(rows), dtype=torch.long).to(self.device, non_blocking=True))
+        return mbs, time.perf_counter() - t0
+
+    def generator(self) -> torch.Generator | None:
+        if self.obj.causal:
+            return None
+        seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1024 + self.rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def evaluate(self) -> float:
+        module = self.engine.module
+        module.eval()
+        sums = eval_loss_sums(self.engine, self.val, self.cfg.train.micro_batch, self.obj, self.cfg.run.seed)
+        module.train()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        if dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point (one call per worker)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tr = Trainer(config, rank, world, device)
+    cfg = tr.cfg
+    resume = ckpt_lib.latest_complete_checkpoint(tr.run_dir)
+    if resume:
+        tr.restore(resume)
+        if rank == 0:
+            print(f"[ptm] resumed from {resume} at step {tr.step}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the checkpoint before rank 0 tidies the directory
+    log = None
+    if rank == 0:
+        ckpt_lib.discard_after(tr.run_dir, tr.step)
+        log = MetricsLog(tr.run_dir, resume_step=tr.step if resume else None)
+        print(
+            f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
+            f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
+        )
+    peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len * world
+
+    def write(record: dict) -> None:
+        if log is not None:
+            log.write(record)
+
+    if tr.step == 0:
+        write({"step": 0, "eval_loss": tr.evaluate(), "tokens": 0})
+
+    it = iter(tr.stream)
+    loss_sum = torch.zeros((), device=device)
+    n_in_window, wait, window_start = 0, 0.0, time.perf_counter()
+    run_start = time.perf_counter()
+    start_step = tr.step
+    while tr.step < cfg.train.max_steps:
+        mbs, waited = tr.next_micro_batches(it)
+        loss, norm = train_step(tr.engine, mbs, tr.obj, tr.generator(), tr.clip)
+        tr.step += 1
+        tr.tokens_seen += tokens_per_step
+        loss_sum += loss
+        wait += waited
+        n_in_window += 1
+        last = tr.step == cfg.train.max_steps
+        if tr.step % cfg.train.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * n_in_window / elapsed
+            record = {
+                "step": tr.step,
+                "loss": tr.mean_over_ranks(loss_sum / n_in_window),
+                "lr": float(tr.engine.get_lr()[0]),
+                "grad_norm": norm,
+                "tokens_per_s": tps,
+                "data_wait_frac": wait / elapsed,
+                "tokens": tr.tokens_seen,
+                "epoch": tr.stream.position.epoch,
+            }
+            if peak:
+                record["mfu"] = tr.flops_per_token * tps / (peak * world)
+            write(record)
+            if rank == 0:
+                done = tr.step - start_step
+                eta = (cfg.train.max_steps - tr.step) * (time.perf_counter() - run_start) / max(done, 1)
+                print(
+                    f"[ptm] step {tr.step}/{cfg.train.max_steps} loss {record['loss']:.4f} "
+                    f"lr {record['lr']:.2e} {tps:,.0f} tok/s eta {eta:.0f}s", flush=True,
+                )
+            loss_sum.zero_()
+            n_in_window, wait, window_start = 0, 0.0, time.perf_counter()
+        if tr.step % cfg.train.eval_every == 0 or last:
+            eval_loss = tr.evaluate()
+            write({"step": tr.step, "eval_loss": eval_loss, "tokens": tr.tokens_seen})
+            if rank == 0:
+                print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
+        if tr.step % cfg.train.ckpt_every == 0 or last:
+            save_checkpoint(tr, log)
+    if log is not None:
+        log.close()
+
+
+def save_checkpoint(tr: Trainer, log: MetricsLog | None) -> None:
+    """Every rank writes its part locally, hands it to ray.train.report (which copies it into
+    <run_dir>/checkpoint_<step>), then rank 0 marks the checkpoint complete once all have."""
+    import ray.train
+
+    name = ckpt_lib.checkpoint_name(tr.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"ptm-{name}-rank{tr.rank}-"))
+    try:
+        tr.save_local(tmp)
+        ray.train.report(
+            {"step": tr.step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name
+        )
+        if dist.is_initialized():
+            dist.barrier()  # every rank's files are in storage
+        if tr.rank == 0:
+            target = storage.join(tr.run_dir, name)
+            ckpt_lib.mark_complete(target, {
+                "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
+                "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
+            })
+            ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
+            if log is not None:
+                log.sync()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""`ptm pretrain`: the driver. Prepares data, starts or joins Ray, runs the TorchTrainer.
+
+    run_dir = pretrain(load("jobs/tiny.yaml"))
+
+The run directory is ``<run.storage>/<run.name>``. With ``run.resume`` (the default) a run
+directory that holds checkpoints is continued from its newest complete one; otherwise a fresh
+directory ``<name>-2``, ``<name>-3``... is used, so two runs never mix.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import yaml
+
+from ptm_dist import checkpoint as ckpt_lib
+from ptm_dist import storage
+from ptm_dist.config import ConfigError, JobConfig
+from ptm_dist.data.prepare import prepare_data
+from ptm_dist.tracking import read_metrics
+
+# Job fields that must not change when a run is resumed: they change what the weights mean.
+_IDENTITY = ("model", "data.seq_len", "data.tokenizer", "zero.stage", "scaling.num_workers")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def choose_run_dir(cfg: JobConfig) -> str:
+    """The run directory to use, honouring run.resume (may rename cfg.run.name)."""
+    base = storage.absolute(cfg.run.storage)
+    run_dir = storage.join(base, cfg.run.name)
+    if cfg.run.resume or not storage.exists(storage.join(run_dir, "job.yaml")):
+        return run_dir
+    n = 2
+    while storage.exists(storage.join(base, f"{cfg.run.name}-{n}", "job.yaml")):
+        n += 1
+    cfg.run.name = f"{cfg.run.name}-{n}"
+    print(f"[ptm] run.resume=false and {run_dir} holds a run: starting fresh in {cfg.run.name}")
+    return storage.join(base, cfg.run.name)
+
+
+def check_resumable(cfg: JobConfig, run_dir: str) -> None:
+    path = storage.join(run_dir, "job.yaml")
+    if not storage.exists(path) or not ckpt_lib.latest_complete_checkpoint(run_dir):
+        return
+    old = yaml.safe_load(storage.read_text(path)) or {}
+    new = cfg.to_dict()
+    changed = [k for k in _IDENTITY if _get(old, k) != _get(new, k)]
+    if changed:
+        details = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in changed)
+        raise ConfigError(
+            f"{run_dir} holds a run with a different {', '.join(changed)} ({details}); "
+            "use another run.name, or --set run.resume=false for a fresh directory"
+        )
+
+
+def connect_ray(cfg: JobConfig) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
+
+    Ray Data's read/tokenize/pack tasks need CPUs that the training workers hold: on a small
+    machine the local instance gets extra logical CPUs so the stream never stalls.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return
+    per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
+    cpus = int(cfg.scaling.num_workers * per_worker + max(2, os.cpu_count() or 1))
+    print(f"[ptm] starting local Ray with {cpus} logical CPUs "
+          f"({cfg.scaling.num_workers} workers x {per_worker} CPU + room for data tasks)")
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def use_gpu(cfg: JobConfig) -> bool:
+    import ray
+
+    if cfg.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def pretrain(cfg: JobConfig) -> str:
+    """Run the job; returns the run directory."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ptm_dist.train.loop import train_loop
+
+    run_dir = choose_run_dir(cfg)
+    check_resumable(cfg, run_dir)
+    t0 = time.time()
+    data = prepare_data(cfg)
+    print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
+          f"tokenizer {data.tokenizer_dir}")
+    connect_ray(cfg)
+    gpu = use_gpu(cfg)
+    storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
+    resources = cfg.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": cfg.to_dict(), "run_dir": run_dir, **data.worker_config()},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage.absolute(cfg.run.storage),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+    print_summary(run_dir, time.time() - t0)
+    return run_dir
+
+
+def summarize(run_dir: str) -> dict:
+    lines = read_metrics(run_dir)
+    evals = [m for m in lines if "eval_loss" in m]
+    train = [m for m in lines if "loss" in m]
+    out: dict = {"checkpoint": ckpt_lib.latest_complete_checkpoint(run_dir)}
+    if train:
+        out.update(step=train[-1]["step"], loss=train[-1]["loss"])
+        rates = [m["tokens_per_s"] for m in train[1:]] or [train[-1]["tokens_per_s"]]
+        out["tokens_per_s"] = sum(rates) / len(rates)
+    if evals:
+        out.update(first_eval_loss=evals[0]["eval_loss"], eval_loss=evals[-1]["eval_loss"])
+    return out
+
+
+def print_summary(run_dir: str, seconds: float) -> None:
+    s = summarize(run_dir)
+    print("\n== ptm pretrain summary ==")
+    if "step" in s:
+        print(f"steps: {s['step']}   final train loss: {s['loss']:.4f}   "
+              f"mean tokens/s: {s['tokens_per_s']:,.0f}")
+    if "eval_loss" in s:
+        ratio = s["eval_loss"] / s["first_eval_loss"]
+        print(f"eval loss: {s['first_eval_loss']:.4f} (first) -> {s['eval_loss']:.4f} (last), "
+              f"{ratio:.0%} of the first")
+    print(f"checkpoint: {s['checkpoint']}")
+    print(f"wall time: {seconds:.0f}s")
+    print(f"run_dir: {run_dir}", flush=True)
