@@ -91,7 +91,7 @@ class TokenizerSection(_Section):
         description="Directory with a Hugging Face tokenizer (tokenizer.json). Empty: a byte-level "
         "BPE tokenizer is trained on the corpus and cached under data.cache_dir.",
     )
-    vocab_size: int = Field(4096, ge=260, le=262144, description="Vocabulary size when training one.")
+    vocab_size: int = Field(512, ge=260, le=262144, description="Vocabulary size when training one.")
 
 
 class DataSection(_Section):
@@ -127,11 +127,11 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
-    micro_batch: int = Field(8, ge=1, description="Sequences per worker per forward/backward.")
+    max_steps: int = Field(500, ge=1, description="Optimizer steps to train for.")
+    micro_batch: int = Field(16, ge=1, description="Sequences per worker per forward/backward.")
     grad_accum: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
-    lr: float = Field(2e-3, gt=0.0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(2e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
+    lr: float = Field(3e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(3e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not on biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")

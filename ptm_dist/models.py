@@ -94,7 +94,7 @@ def hf_config(
             num_key_value_heads=s.kv_heads or s.heads,
             max_position_embeddings=max(seq_len, 2048 if size != "debug" else seq_len),
             attention_dropout=dropout,
-            tie_word_embeddings=size in ("debug", "tiny"),
+            tie_word_embeddings=True,  # as Llama 3.2 1B and 3B
             bos_token_id=special.eos,
             eos_token_id=special.eos,
             pad_token_id=special.pad,

@@ -1,0 +1,146 @@
+"""Shards, packing and the resumable stream (in-process and through Ray Data)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from ptm_dist.data.pipeline import SequenceStream, pack_shard, shard_order, split_id, take_sequences
+from ptm_dist.data.sources import DataError, Shard, find_shards, read_documents
+from ptm_dist.data.tokenizer import EOS, ensure_tokenizer, train_tokenizer
+
+DOCS = [f"document number {i} " + "lorem ipsum dolor sit amet " * (i % 7 + 1) for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def tok_json():
+    return train_tokenizer(DOCS, 300).to_str()
+
+
+def write_jsonl(path, docs, key="text"):
+    path.write_text("".join(json.dumps({key: d}) + "\n" for d in docs))
+    return path
+
+
+def test_formats_found_and_read_alike(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", DOCS[:3])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS[3:6]))
+    pq.write_table(pa.table({"text": DOCS[6:9]}), tmp_path / "c.parquet")
+    (tmp_path / "d.txt").write_text(DOCS[9])
+    (tmp_path / "README.md").write_text("not a shard")
+    shards = find_shards(str(tmp_path))
+    assert [s.format for s in shards] == ["jsonl", "jsonl", "parquet", "txt"]
+    got = [d for s in shards for d in read_documents(s)]
+    assert got == DOCS[:10]
+
+
+def test_glob_selects_matching_files(tmp_path):
+    for i in range(3):
+        write_jsonl(tmp_path / f"train-{i}.jsonl", DOCS[i : i + 1])
+    write_jsonl(tmp_path / "val-0.jsonl", DOCS[:1])
+    assert [s.uri.rsplit("/", 1)[1] for s in find_shards(str(tmp_path / "train-*.jsonl"))] == [
+        "train-0.jsonl", "train-1.jsonl", "train-2.jsonl"]
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope: no such file or directory"):
+        find_shards(str(tmp_path / "nope"))
+
+
+def test_bad_json_line_names_shard_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
+        list(read_documents(Shard(str(p), "jsonl", "text")))
+
+
+def test_missing_text_column_names_shard_line_and_keys(tmp_path):
+    p = write_jsonl(tmp_path / "x.jsonl", ["a"], key="body")
+    with pytest.raises(DataError, match=r"x.jsonl: line 1: no text column 'text' \(found: body\)"):
+        list(read_documents(Shard(str(p), "jsonl", "text")))
+
+
+def test_packing_is_exact_eos_joined_and_ids_stable(tmp_path, tok_json):
+    p = write_jsonl(tmp_path / "s.jsonl", DOCS[:50])
+    shard = Shard(str(p), "jsonl", "text")
+    tok = Tokenizer.from_str(tok_json)
+    eos = tok.token_to_id(EOS)
+    batches = list(pack_shard(shard, 7, tok_json, 16, eos))
+    ids = np.concatenate([b["id"] for b in batches])
+    rows = np.concatenate([b["input_ids"] for b in batches])
+    flat = np.concatenate([np.r_[tok.encode(d).ids, eos] for d in DOCS[:50]])
+    n = len(flat) // 16
+    assert rows.shape == (n, 16)
+    assert np.array_equal(rows.reshape(-1), flat[: n * 16])  # no padding, nothing reordered
+    assert [split_id(int(i)) for i in ids] == [(7, c) for c in range(n)]
+    skipped = np.concatenate([b["input_ids"] for b in pack_shard(shard, 7, tok_json, 16, eos, skip=5)])
+    assert np.array_equal(skipped, rows[5:])
+
+
+def test_shard_order_partitions_every_epoch():
+    for epoch in range(3):
+        parts = [shard_order(10, 1, epoch, r, 3) for r in range(3)]
+        assert sorted(sum(parts, [])) == list(range(10))
+    assert shard_order(10, 1, 0, 0, 3) != shard_order(10, 1, 1, 0, 3)
+
+
+def _stream_shards(tmp_path, n=6):
+    return [Shard(str(write_jsonl(tmp_path / f"s{i}.jsonl", DOCS[i * 30 : (i + 1) * 30])), "jsonl", "text")
+            for i in range(n)]
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it)[0] for _ in range(n)]
+
+
+def test_stream_resumes_exactly_mid_epoch_and_across_epochs(tmp_path, tok_json):
+    shards = _stream_shards(tmp_path)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+    make = lambda: SequenceStream(shards, tok_json, 16, eos, seed=0, rank=1, world=2, use_ray=False)  # noqa: E731
+    full = _take(make(), 400)  # more than one epoch of this rank's shards
+    assert len(set(full[:50])) == 50
+    for cut in (1, 37, 150, 333):
+        first = make()
+        head = _take(first, cut)
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert head + _take(resumed, 400 - cut) == full
+
+
+def test_stream_needs_a_shard_per_worker(tmp_path, tok_json):
+    with pytest.raises(DataError, match="1 shard.* 2 workers"):
+        SequenceStream(_stream_shards(tmp_path, 1), tok_json, 16, 0, 0, 0, 2, use_ray=False)
+
+
+def test_ray_data_stream_equals_in_process_stream(tmp_path, tok_json, ray_session):
+    shards = _stream_shards(tmp_path)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+    local = SequenceStream(shards, tok_json, 16, eos, 0, 0, 2, use_ray=False)
+    remote = SequenceStream(shards, tok_json, 16, eos, 0, 0, 2, use_ray=True)
+    assert _take(remote, 300) == _take(local, 300)
+
+
+def test_take_sequences_is_a_prefix(tmp_path, tok_json):
+    shards = _stream_shards(tmp_path, 2)
+    ids, rows = take_sequences(shards, tok_json, 16, 0, 10)
+    assert rows.shape == (10, 16) and [split_id(int(i))[0] for i in ids] == [0] * 10
+
+
+def test_builtin_tokenizer_is_cached_and_loads_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    shards = _stream_shards(tmp_path, 2)
+    d1 = ensure_tokenizer(shards, 300, tmp_path / "cache")
+    mtime = (d1 / "tokenizer.json").stat().st_mtime
+    assert ensure_tokenizer(shards, 300, tmp_path / "cache") == d1
+    assert (d1 / "tokenizer.json").stat().st_mtime == mtime
+    tok = AutoTokenizer.from_pretrained(str(d1))
+    assert tok.eos_token == EOS and tok.mask_token == "<mask>" and len(tok) == 300
