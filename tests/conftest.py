@@ -25,9 +25,10 @@ def ray_session(cache_dir):
     import ray
 
     if not ray.is_initialized():
+        from ptm_dist.train.pretrain import worker_env_vars
+
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                           "PTM_DIST_CACHE": str(cache_dir)}})
+                 runtime_env={"env_vars": worker_env_vars()})
     yield ray
     ray.shutdown()
 

@@ -175,7 +175,7 @@ class SequenceStream:
             _pack_rows,
             batch_size=1,
             fn_kwargs={"tokenizer_json": self.tok_json, "seq_len": self.seq_len, "eos_id": self.eos_id},
-            concurrency=self.concurrency,
+            compute=ray.data.TaskPoolStrategy(size=self.concurrency),
             num_cpus=1,
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)

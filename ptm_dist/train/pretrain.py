@@ -59,6 +59,16 @@ def check_resumable(cfg: JobConfig, run_dir: str) -> None:
         )
 
 
+def worker_env_vars() -> dict[str, str]:
+    """Environment for Ray workers. Ray Train's print patch would echo every progress line
+    twice (once through its logger, once to the captured stdout); the loop prints plainly."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    for key in ("PTM_DIST_CACHE", "OMP_NUM_THREADS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
 def connect_ray(cfg: JobConfig) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
 
@@ -69,7 +79,7 @@ def connect_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": worker_env_vars()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return
