@@ -6,7 +6,12 @@ global batches (rebuilt from each rank's deterministic stream): per-step losses 
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +162,25 @@ def test_export_refuses_an_incomplete_checkpoint(zero2_run, tmp_path):
     (partial / "COMPLETE").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         export(str(partial), str(tmp_path / "out"))
+
+
+def test_worker_step_runs_in_one_plain_process_without_ray(tmp_path):
+    """The per-worker code (Trainer: model, DeepSpeed engine, stream) outside Ray, world of one,
+    against the plain PyTorch reference over the same batches. A subprocess, because it sets up
+    torch.distributed for itself."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import debug_job
+        from test_train import reference_losses
+        from ptm_dist.train.local import local_trainer
+        cfg = debug_job({str(tmp_path)!r}, "scaling.num_workers=1", "train.max_steps=5", "zero.stage=1")
+        tr = local_trainer(cfg)
+        it = iter(tr.stream)
+        got = [float(tr.train_one_step(it)[0]) for _ in range(5)]
+        print(json.dumps([got, reference_losses(cfg, 1)]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(abs(g - w) / w for g, w in zip(got, want)) < 1e-5

@@ -146,6 +146,19 @@ class Trainer:
             mbs.append(torch.as_tensor(np.stack(rows), dtype=torch.long).to(self.device, non_blocking=True))
         return mbs, time.perf_counter() - t0
 
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * self.cfg.data.seq_len * self.world
+
+    def train_one_step(self, it) -> tuple[torch.Tensor, float | None, float]:
+        """(local mean loss, grad norm, seconds waiting for data) of one optimizer step."""
+        mbs, waited = self.next_micro_batches(it)
+        loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss, norm, waited
+
     def generator(self) -> torch.Generator | None:
         if self.obj.causal:
             return None
@@ -197,7 +210,7 @@ def train_loop(config: dict) -> None:
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
         )
     peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len * world
+    tokens_per_step = tr.tokens_per_step
 
     def write(record: dict) -> None:
         if log is not None:
@@ -212,10 +225,7 @@ def train_loop(config: dict) -> None:
     run_start = time.perf_counter()
     start_step = tr.step
     while tr.step < cfg.train.max_steps:
-        mbs, waited = tr.next_micro_batches(it)
-        loss, norm = train_step(tr.engine, mbs, tr.obj, tr.generator(), tr.clip)
-        tr.step += 1
-        tr.tokens_seen += tokens_per_step
+        loss, norm, waited = tr.train_one_step(it)
         loss_sum += loss
         wait += waited
         n_in_window += 1

@@ -1,0 +1,50 @@
+"""The per-worker training code in one plain process, without Ray: for a debugger, for
+profiling, and for single-GPU benchmarks.
+
+    tr = local_trainer(load("jobs/tiny.yaml", ["model.size=debug"]))
+    it = iter(tr.stream)
+    loss, grad_norm, data_wait = tr.train_one_step(it)
+
+It builds the same ``Trainer`` (model, DeepSpeed engine, data stream) a Ray Train worker
+builds, as rank 0 of a world of one; the data stream packs shards in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ptm_dist import storage
+from ptm_dist.config import JobConfig
+from ptm_dist.data.prepare import prepare_data
+from ptm_dist.train.loop import Trainer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer:
+    device = device or torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = cfg.model_copy(deep=True)
+    cfg.scaling.num_workers = 1
+    config = {
+        "job": cfg.to_dict(),
+        "run_dir": storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
+        "use_ray_data": False,
+        **prepare_data(cfg).worker_config(),
+    }
+    return Trainer(config, rank=0, world=1, device=device)
