@@ -59,21 +59,45 @@ def cmd_export(args) -> None:
     print(f"out: {info['out']}")
 
 
+def _causes(e: BaseException):
+    """``e`` and what it wraps: exception chains, Ray task errors and Ray Train's failures."""
+    seen, todo = set(), [e]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 getattr(e, "controller_failure", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+
+
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for errors that are the user's to fix, else None."""
     from ptm_dist.config import ConfigError
     from ptm_dist.data.sources import DataError
 
-    user = (ConfigError, DataError, FileNotFoundError)
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, user):
-            return str(e)
-        if type(e).__name__ == "ExportError":
-            return str(e)
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    from ptm_dist.export import ExportError
+
+    try:  # Ray re-raises a remote DataError as a subclass of both; its text is a traceback
+        from ray.exceptions import RayError
+    except ImportError:  # pragma: no cover
+        RayError = ()  # noqa: N806
+    for cause in _causes(e):
+        if isinstance(cause, (ConfigError, DataError, ExportError, FileNotFoundError)) and not (
+            isinstance(cause, RayError)
+        ):
+            # Ray Data appends retry advice to errors raised in its tasks; ours are one line.
+            return str(cause).splitlines()[0] if isinstance(cause, DataError) else str(cause)
     return None
+
+
+def _stop_ray() -> None:
+    """Shut a local Ray down so its forwarded worker logs are flushed before our last line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptm: interrupted; the newest complete checkpoint is kept", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user errors become one line, others keep the traceback
+    except Exception as e:
         msg = _user_error(e)
         if msg is None:
             raise
+        _stop_ray()
         print(f"ptm {args.command}: error: {msg}", file=sys.stderr)
         return 2
     return 0

@@ -61,7 +61,7 @@ class ModelSection(_Section):
     )
 
     @model_validator(mode="after")
-    def _size_exists(self) -> "ModelSection":
+    def _size_exists(self) -> ModelSection:
         from ptm_dist.models import SIZES
 
         sizes = SIZES[self.family]
@@ -146,7 +146,7 @@ class TrainSection(_Section):
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
 
     @model_validator(mode="after")
-    def _lr_order(self) -> "TrainSection":
+    def _lr_order(self) -> TrainSection:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr {self.min_lr} must not exceed train.lr {self.lr}")
         return self
@@ -158,7 +158,7 @@ class ZeroSection(_Section):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
 
     @model_validator(mode="after")
-    def _offload_needs_stage(self) -> "ZeroSection":
+    def _offload_needs_stage(self) -> ZeroSection:
         if self.offload_params and self.stage != 3:
             raise ValueError("zero.offload_params needs zero.stage 3")
         if self.offload_optimizer and self.stage == 0:

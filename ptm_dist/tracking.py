@@ -38,7 +38,7 @@ class MetricsLog:
                 and json.loads(ln).get("step", 0) <= resume_step]
         self.local.parent.mkdir(parents=True, exist_ok=True)
         self.local.write_text("".join(ln + "\n" for ln in keep))
-        self._f = open(self.local, "a", encoding="utf-8")
+        self._f = open(self.local, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")

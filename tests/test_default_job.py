@@ -40,7 +40,7 @@ def test_default_job_from_wheel(wheel_site, tmp_path):
                            cwd=work, env=env, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(wheel_site))
     proc = subprocess.run([sys.executable, "-m", "ptm_dist.cli", "pretrain"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     run_dir = work / "runs" / "tiny"

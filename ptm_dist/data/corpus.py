@@ -9,6 +9,7 @@ one side (by a hash of its name) so held-out text never overlaps training text.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -81,15 +82,18 @@ def ensure_builtin_corpus(cache: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=out.parent))
     try:
-        train = [open(tmp / f"train-{i:05d}.jsonl", "w", encoding="utf-8") for i in range(TRAIN_SHARDS)]
-        val = [open(tmp / f"val-{i:05d}.jsonl", "w", encoding="utf-8") for i in range(VAL_SHARDS)]
-        counts = {"train": 0, "val": 0}
-        for group, text in iter_documents():
-            side, files = ("val", val) if _is_val(group) else ("train", train)
-            files[counts[side] % len(files)].write(json.dumps({"text": text, "source": group}) + "\n")
-            counts[side] += 1
-        for f in train + val:
-            f.close()
+        with contextlib.ExitStack() as stack:
+            def shards(side: str, n: int) -> list:
+                return [stack.enter_context(open(tmp / f"{side}-{i:05d}.jsonl", "w", encoding="utf-8"))
+                        for i in range(n)]
+
+            files = {"train": shards("train", TRAIN_SHARDS), "val": shards("val", VAL_SHARDS)}
+            counts = {"train": 0, "val": 0}
+            for group, text in iter_documents():
+                side = "val" if _is_val(group) else "train"
+                files[side][counts[side] % len(files[side])].write(
+                    json.dumps({"text": text, "source": group}) + "\n")
+                counts[side] += 1
         (tmp / "DONE").write_text(json.dumps(counts) + "\n")
         try:
             tmp.rename(out)

@@ -46,7 +46,7 @@ def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)
-        except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad URIs
             raise DataError(f"{uri}: cannot open this location: {e}") from None
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 

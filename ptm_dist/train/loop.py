@@ -78,7 +78,7 @@ class Trainer:
             shards, config["tokenizer_json"], cfg.data.seq_len, special["eos"], cfg.run.seed,
             rank, world, cfg.data.read_concurrency, use_ray=config.get("use_ray_data", True),
         )
-        val_ids, val = take_sequences(
+        _, val = take_sequences(
             [Shard(**s) for s in config["val_shards"]], config["tokenizer_json"],
             cfg.data.seq_len, special["eos"], cfg.train.eval_sequences,
         )
