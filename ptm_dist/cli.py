@@ -75,15 +75,14 @@ def _causes(e: BaseException):
 
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for errors that are the user's to fix, else None."""
+    from ray.exceptions import RayError
+
     from ptm_dist.config import ConfigError
     from ptm_dist.data.sources import DataError
-
     from ptm_dist.export import ExportError
 
-    try:  # Ray re-raises a remote DataError as a subclass of both; its text is a traceback
-        from ray.exceptions import RayError
-    except ImportError:  # pragma: no cover
-        RayError = ()  # noqa: N806
+    # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
+    # is a traceback; the original error is further down the chain.
     for cause in _causes(e):
         if isinstance(cause, (ConfigError, DataError, ExportError, FileNotFoundError)) and not (
             isinstance(cause, RayError)

@@ -69,6 +69,21 @@ def worker_env_vars() -> dict[str, str]:
     return env
 
 
+def forget_ray_checkpoint_index(run_dir: str) -> None:
+    """Remove Ray Train's index of the run's checkpoints before a new fit.
+
+    Ray Train refuses to start in a run directory whose index names a checkpoint that no longer
+    exists, and ptm's retention deletes old checkpoints. ptm picks the checkpoint to resume from
+    itself (the newest with a COMPLETE marker), so Ray's index is not needed across fits.
+    """
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    path = storage.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    if storage.exists(path):
+        fs, p = storage.resolve(path)
+        fs.delete_file(p)
+
+
 def connect_ray(cfg: JobConfig) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
 
@@ -114,6 +129,7 @@ def pretrain(cfg: JobConfig) -> str:
     connect_ray(cfg)
     gpu = use_gpu(cfg)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
+    forget_ray_checkpoint_index(run_dir)
     resources = cfg.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
     trainer = TorchTrainer(
         train_loop,
