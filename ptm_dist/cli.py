@@ -30,6 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the newest complete checkpoint of a run (or a given checkpoint).")
     p.add_argument("src", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser("bench", help="benchmarks printed side by side with their baselines",
+                       description="ptm bench train: this system against a plain PyTorch loop.")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("train", help="system vs plain PyTorch loop tokens/s, step breakdown, memory",
+                        description="Measure the system (Ray Train + DeepSpeed + Ray Data) and a plain "
+                        "single-process PyTorch loop on the same model, batch, precision and device.")
+    _job_args(b)
+    b.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
+    b.add_argument("--search-micro-batch", action="store_true",
+                   help="also time the baseline at other micro batch sizes (until out of memory on GPU)")
+    b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    p = sub.add_parser("plan", help="memory per ZeRO stage, recommended stage, time and GPU-hours",
+                       description="Estimate per-GPU memory for each ZeRO stage and offload choice, "
+                       "recommend a stage and micro batch, and estimate time to the job's token budget.")
+    _job_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu-mem", type=float, required=True, metavar="GB", help="memory per GPU in GiB")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=989.0,
+                   help="dense bf16 peak per GPU in TFLOP/s (default 989, H100 SXM)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     return parser
 
 
@@ -57,6 +79,40 @@ def cmd_export(args) -> None:
     print(f"exported {info['checkpoint']} (step {info['step']}); "
           f"probe logits match within {info['max_abs_logit_diff']:.2g}")
     print(f"out: {info['out']}")
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    from ptm_dist.bench import bench_train, format_report
+    from ptm_dist.config import load
+
+    report = bench_train(load(args.job, args.overrides), args.steps, args.warmup, args.search_micro_batch)
+    print(format_report(report))
+    text = json.dumps(report, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def cmd_plan(args) -> None:
+    import json
+
+    from ptm_dist.config import ConfigError, load
+    from ptm_dist.plan import format_plan, plan
+
+    cfg = load(args.job, args.overrides)
+    if args.gpus < 1 or args.gpu_mem <= 0 or not 0 < args.mfu <= 1:
+        raise ConfigError("--gpus must be >= 1, --gpu-mem > 0 and --mfu in (0, 1]")
+    vocab = cfg.data.tokenizer.vocab_size
+    if cfg.data.tokenizer.path:
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(f"{cfg.data.tokenizer.path}/tokenizer.json").get_vocab_size()
+    result = plan(cfg, args.gpus, args.gpu_mem, vocab, args.mfu, args.gpu_tflops * 1e12, args.precision)
+    print(format_plan(result))
+    print(json.dumps(result, indent=2))
 
 
 def _causes(e: BaseException):
@@ -102,7 +158,8 @@ def _stop_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handler = {"pretrain": cmd_pretrain, "prepare": cmd_prepare, "export": cmd_export}[args.command]
+    handler = {"pretrain": cmd_pretrain, "prepare": cmd_prepare, "export": cmd_export,
+               "bench": cmd_bench, "plan": cmd_plan}[args.command]
     try:
         handler(args)
     except KeyboardInterrupt:

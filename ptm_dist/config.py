@@ -144,6 +144,10 @@ class TrainSection(_Section):
     ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_ckpts: int = Field(2, ge=1, description="Complete checkpoints kept; the newest is never deleted.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."
+    )
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile).")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSection:

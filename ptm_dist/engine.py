@@ -14,6 +14,9 @@ import torch
 
 from ptm_dist.config import JobConfig
 
+# DeepSpeed's gradient reduce bucket (elements); ptm plan counts it in its memory estimate.
+REDUCE_BUCKET_ELEMENTS = 50_000_000
+
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
@@ -30,7 +33,7 @@ def ds_config(cfg: JobConfig, precision: str, on_gpu: bool) -> dict[str, Any]:
     t, z = cfg.train, cfg.zero
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage > 0:
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=REDUCE_BUCKET_ELEMENTS)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if z.offload_params:

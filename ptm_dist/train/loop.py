@@ -27,7 +27,7 @@ from ptm_dist.data.pipeline import SequenceStream, take_sequences
 from ptm_dist.data.sources import Shard
 from ptm_dist.engine import initialize, manual_clip
 from ptm_dist.tracking import MetricsLog, gpu_peak_flops
-from ptm_dist.train.step import Objective, eval_loss_sums, train_step
+from ptm_dist.train.step import Objective, PhaseTimer, eval_loss_sums, train_step
 
 
 def rng_state() -> dict:
@@ -68,9 +68,13 @@ class Trainer:
             models.SpecialTokens(**special), cfg.model.dropout,
         )
         model = models.build(self.hf_config, seed=cfg.run.seed)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = models.num_params(model)
         self.flops_per_token = models.flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
         self.engine, self.precision = initialize(model, cfg, device)
+        if cfg.train.compile:
+            self.engine.compile()
         self.clip = manual_clip(cfg, self.precision)
         self.obj = objective_for(cfg, special, vocab)
         shards = [Shard(**s) for s in config["train_shards"]]
@@ -151,10 +155,10 @@ class Trainer:
         t = self.cfg.train
         return t.micro_batch * t.grad_accum * self.cfg.data.seq_len * self.world
 
-    def train_one_step(self, it) -> tuple[torch.Tensor, float | None, float]:
+    def train_one_step(self, it, timer: PhaseTimer | None = None):
         """(local mean loss, grad norm, seconds waiting for data) of one optimizer step."""
         mbs, waited = self.next_micro_batches(it)
-        loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip)
+        loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return loss, norm, waited
@@ -237,7 +241,7 @@ def train_loop(config: dict) -> None:
                 "step": tr.step,
                 "loss": tr.mean_over_ranks(loss_sum / n_in_window),
                 "lr": float(tr.engine.get_lr()[0]),
-                "grad_norm": norm,
+                "grad_norm": float(norm) if norm is not None else None,
                 "tokens_per_s": tps,
                 "data_wait_frac": wait / elapsed,
                 "tokens": tr.tokens_seen,

@@ -7,6 +7,9 @@ reference loops of the tests. ``engine`` is a DeepSpeed engine or anything with 
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -57,27 +60,57 @@ def loss_on(model, input_ids: torch.Tensor, obj: Objective, generator: torch.Gen
     return model(input_ids=ids, labels=labels).loss
 
 
+class PhaseTimer:
+    """Wall time per phase of the step, for benchmarks: ``with timer("forward"): ...``.
+
+    On GPUs it synchronizes around each phase, which costs throughput: only benchmarks use it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.totals[phase] += time.perf_counter() - t0
+
+
+def _untimed(phase: str):
+    return contextlib.nullcontext()
+
+
 def train_step(
-    engine, micro_batches: list[torch.Tensor], obj: Objective, generator=None, clip: float = 0.0
-) -> tuple[torch.Tensor, float | None]:
+    engine, micro_batches: list[torch.Tensor], obj: Objective, generator=None, clip: float = 0.0,
+    timer: PhaseTimer | None = None,
+):
     """One optimizer step over ``micro_batches`` (grad_accum of them): (mean loss, grad norm).
 
     DeepSpeed scales each backward by 1/grad_accum, averages gradients over ranks, clips and
     steps the optimizer and LR schedule at the last micro batch. ``clip`` > 0 clips here
     instead, just before that last step (engines that do not report the norm themselves).
+    Both results may be device tensors: reading them waits for the GPU, so callers read them
+    only when they log.
     """
+    timed = timer or _untimed
     total = torch.zeros((), device=micro_batches[0].device)
     norm = None
+    last = len(micro_batches) - 1
     for i, ids in enumerate(micro_batches):
-        loss = loss_on(engine, ids, obj, generator)
-        engine.backward(loss)
-        if clip > 0 and i == len(micro_batches) - 1:
-            norm = float(torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip))
-        engine.step()
+        with timed("forward"):
+            loss = loss_on(engine, ids, obj, generator)
+        with timed("backward"):
+            engine.backward(loss)
+        with timed("optimizer" if i == last else "backward"):
+            if clip > 0 and i == last:
+                norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip)
+            engine.step()
         total += loss.detach().float()
     if norm is None:
         norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
     return total / len(micro_batches), norm
 
 
@@ -120,7 +153,7 @@ class PlainEngine:
         if self.micro_steps % self.grad_accum:
             return
         if self.grad_clip > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

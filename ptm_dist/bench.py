@@ -1,0 +1,358 @@
+"""`ptm bench train`: this system against a plain PyTorch loop, measured side by side.
+
+(a) system: Ray Train workers, DeepSpeed engines, the Ray Data stream, running the same
+    ``Trainer.train_one_step`` the pretraining loop runs, with a phase timer;
+(b) baseline: one plain process, the same model, micro batch, precision, device and threads
+    per worker, plain torch AdamW, its batches already in memory.
+
+    ratio = system tokens/s / (baseline tokens/s x GPUs)     on GPUs (one baseline per GPU)
+    ratio = system tokens/s / baseline tokens/s              on CPU (the baseline gets the cores
+                                                             all workers share)
+
+On CPU it also reports the scaling efficiency against the plain loop with one worker's threads
+times the number of workers. The baseline runs in a fresh subprocess so that its memory
+high-water mark is its own; memory is the GPU allocator's peak, or on CPU the growth of the
+process's resident memory over training (after a one-layer priming step loads lazy imports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptm_dist import models
+from ptm_dist.config import JobConfig
+from ptm_dist.tracking import gpu_peak_flops
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_mem(device: torch.device, rss0: int) -> int:
+    """Training memory high-water mark: GPU allocations, or the process's RSS growth on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _peak_rss() - rss0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
+    """bf16 matmul FLOP/s measured on this GPU (the practical ceiling for MFU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _prime(hf_config, device: torch.device) -> None:
+    """Run one step of a one-layer copy of the model, so that lazy imports and kernel
+    libraries are loaded before memory is measured (they are not training memory)."""
+    small = hf_config.__class__.from_dict({**hf_config.to_dict(), "num_hidden_layers": 1, "n_layer": 1})
+    model = models.build(small).to(device)
+    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    del model
+
+
+def _phase_report(totals: dict, steps: int, elapsed: float, wait: float) -> dict:
+    out = {"step_s": elapsed / steps, "data_wait_s": wait / steps}
+    for phase in ("forward", "backward", "optimizer"):
+        out[f"{phase}_s"] = totals.get(phase, 0.0) / steps
+    return out
+
+
+# ------------------------------------------------------------------ (a) the system
+
+
+def system_worker(config: dict) -> None:
+    """Ray Train worker: warm up, then time ``steps`` optimizer steps of the real step."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from ptm_dist.train.loop import Trainer
+    from ptm_dist.train.step import PhaseTimer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    job = JobConfig.model_validate(config["job"])
+    _prime(models.hf_config(job.model.family, job.model.size, config["vocab_size"], job.data.seq_len,
+                            models.SpecialTokens(**config["special"])), device)
+    rss0 = _rss()
+    tr = Trainer(config, rank, world, device)
+    it = iter(tr.stream)
+    for _ in range(config["bench"]["warmup"]):
+        tr.train_one_step(it)
+    timer = PhaseTimer(device)
+    steps, wait = config["bench"]["steps"], 0.0
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _, _, waited = tr.train_one_step(it, timer)
+        wait += waited
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    # Communication: an all-reduce of one gradient's worth of data, timed on its own.
+    grads = torch.zeros(tr.n_params, device=device)
+    dist.all_reduce(grads)
+    _sync(device)
+    c0 = time.perf_counter()
+    for _ in range(3):
+        dist.all_reduce(grads)
+    _sync(device)
+    allreduce_s = (time.perf_counter() - c0) / 3
+    del grads
+    stats = torch.tensor([float(_peak_mem(device, rss0)), elapsed], device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    metrics = {
+        "tokens_per_s": tr.tokens_per_step * steps / float(stats[1]),
+        "peak_mem_bytes": int(stats[0]),
+        "threads_per_worker": torch.get_num_threads(),
+        "precision": tr.precision,
+        "n_params": tr.n_params,
+        "flops_per_token": tr.flops_per_token,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "allreduce_grads_s": allreduce_s,
+        **_phase_report(timer.totals, steps, elapsed, wait),
+    }
+    # Ray Train returns the metrics of checkpointed reports only: rank 0 attaches a tiny one.
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "bench.json").write_text(json.dumps(metrics))
+        ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def run_system(cfg: JobConfig, worker_data: dict, steps: int, warmup: int, gpu: bool) -> dict:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ptm_dist import storage
+
+    resources = cfg.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
+    base = storage.absolute(cfg.run.storage)  # shared storage on clusters, as for real runs
+    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    trainer = TorchTrainer(
+        system_worker,
+        train_loop_config={"job": cfg.to_dict(), "run_dir": storage.join(base, name), **worker_data,
+                           "bench": {"steps": steps, "warmup": warmup}},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=name, storage_path=base),
+    )
+    try:
+        return dict(trainer.fit().metrics)
+    finally:
+        storage.delete_dir(storage.join(base, name))
+
+
+# ------------------------------------------------------------------ (b) the plain baseline
+
+
+def baseline(spec: dict) -> dict:
+    """A plain single-process PyTorch loop over in-memory batches (run in a subprocess)."""
+    from ptm_dist.data.pipeline import SequenceStream
+    from ptm_dist.data.sources import Shard
+    from ptm_dist.engine import build_optimizer, build_scheduler
+    from ptm_dist.train.loop import objective_for
+    from ptm_dist.train.step import PhaseTimer, PlainEngine, train_step
+
+    torch.set_num_threads(spec["threads"])
+    cfg = JobConfig.model_validate(spec["job"])
+    device = torch.device(spec["device"])
+    wd = spec["data"]
+    special = wd["special"]
+    hf = models.hf_config(cfg.model.family, cfg.model.size, wd["vocab_size"], cfg.data.seq_len,
+                          models.SpecialTokens(**special), cfg.model.dropout)
+    steps, warmup = spec["steps"], spec["warmup"]
+    stream = iter(SequenceStream([Shard(**s) for s in wd["train_shards"]], wd["tokenizer_json"],
+                                 cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False))
+    obj = objective_for(cfg, special, wd["vocab_size"])
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
+    results = []
+    for mb in spec["micro_batches"]:
+        n_seq = (steps + warmup) * mb * cfg.train.grad_accum
+        seqs = torch.as_tensor(np.stack([next(stream)[1] for _ in range(n_seq)]), dtype=torch.long, device=device)
+        batches = seqs.view(steps + warmup, cfg.train.grad_accum, mb, cfg.data.seq_len)
+        _prime(hf, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss0 = _rss()
+        model = models.build(hf, seed=cfg.run.seed).to(device)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = build_optimizer(model, cfg, device)
+        engine = PlainEngine(model, opt, build_scheduler(opt, cfg), cfg.train.grad_accum, cfg.train.grad_clip)
+        if cfg.train.compile:
+            engine.module = torch.compile(model)
+        timer = PhaseTimer(device)
+        try:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                for i in range(warmup):
+                    train_step(engine, list(batches[i]), obj)
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in range(warmup, warmup + steps):
+                    train_step(engine, list(batches[i]), obj, timer=timer)
+                _sync(device)
+        except torch.OutOfMemoryError:
+            results.append({"micro_batch": mb, "oom": True})
+            break
+        elapsed = time.perf_counter() - t0
+        tokens = steps * mb * cfg.train.grad_accum * cfg.data.seq_len
+        results.append({"micro_batch": mb, "tokens_per_s": tokens / elapsed,
+                        "peak_mem_bytes": _peak_mem(device, rss0),
+                        **_phase_report(timer.totals, steps, elapsed, 0.0)})
+        del model, opt, engine, seqs, batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"runs": results, "matmul_peak_flops": matmul_peak_flops(device)}
+
+
+def run_baseline(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ptm-bench-") as tmp:
+        src, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        src.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, "-m", "ptm_dist.bench", str(src), str(out)], check=True)
+        return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------ both, side by side
+
+
+def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_batch: bool = False) -> dict:
+    from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.plan import memory_bytes, model_shape
+    from ptm_dist.train.pretrain import connect_ray, use_gpu
+
+    data = prepare_data(cfg).worker_config()
+    connect_ray(cfg)
+    gpu = use_gpu(cfg)
+    print(f"[bench] system: {cfg.scaling.num_workers} Ray Train workers, {warmup} warm-up + {steps} timed steps",
+          flush=True)
+    system = run_system(cfg, data, steps, warmup, gpu)
+    mb = cfg.train.micro_batch
+    micro_batches = [mb]
+    if search_micro_batch:
+        micro_batches = sorted({max(1, mb // 4), max(1, mb // 2), mb, mb * 2, mb * 4} | (
+            {mb * 8, mb * 16} if gpu else set()))
+    workers = cfg.scaling.num_workers
+    tpw = system["threads_per_worker"]
+    # The baseline gets one worker's device: a GPU, or on CPU the cores all workers share.
+    threads = tpw if gpu else min(os.cpu_count() or 1, tpw * workers)
+    devices = workers if gpu else 1
+    spec = {"job": cfg.to_dict(), "data": data, "device": "cuda:0" if gpu else "cpu", "threads": threads,
+            "precision": system["precision"], "steps": steps, "warmup": warmup, "micro_batches": micro_batches}
+    print(f"[bench] baseline: plain PyTorch loop, {threads} thread(s), micro batches {micro_batches}", flush=True)
+    base = run_baseline(spec)
+    same_mb = next(r for r in base["runs"] if r["micro_batch"] == mb)
+    per_worker = None
+    if not gpu and threads != tpw:  # also: the plain loop with one worker's threads, x workers
+        print(f"[bench] baseline: plain PyTorch loop, {tpw} thread(s)", flush=True)
+        per_worker = run_baseline({**spec, "threads": tpw, "micro_batches": [mb]})["runs"][0]
+    report = {
+        "model": f"{cfg.model.family}-{cfg.model.size}",
+        "n_params": system["n_params"],
+        "device": system["device_name"],
+        "workers": workers,
+        "zero_stage": cfg.zero.stage,
+        "precision": system["precision"],
+        "micro_batch": mb,
+        "grad_accum": cfg.train.grad_accum,
+        "seq_len": cfg.data.seq_len,
+        "threads_per_worker": system["threads_per_worker"],
+        "steps": steps,
+        "system_tokens_per_s": system["tokens_per_s"],
+        "baseline_tokens_per_s": same_mb["tokens_per_s"],
+        "baseline_threads": threads,
+        "ratio": system["tokens_per_s"] / (same_mb["tokens_per_s"] * devices),
+        "system_breakdown_s": {k: system[k] for k in ("step_s", "data_wait_s", "forward_s", "backward_s",
+                                                     "optimizer_s", "allreduce_grads_s")},
+        "baseline_breakdown_s": {k: same_mb[k] for k in ("step_s", "forward_s", "backward_s", "optimizer_s")},
+        "system_peak_mem_bytes": system["peak_mem_bytes"],
+        "baseline_peak_mem_bytes": same_mb["peak_mem_bytes"],
+    }
+    if per_worker is not None:
+        report["baseline_one_worker_threads_tokens_per_s"] = per_worker["tokens_per_s"]
+        report["scaling_efficiency"] = system["tokens_per_s"] / (per_worker["tokens_per_s"] * workers)
+    shape = model_shape(cfg, data["vocab_size"])
+    est = memory_bytes(shape, workers, cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_params,
+                       mb, cfg.data.seq_len, system["precision"], cfg.train.activation_checkpointing)
+    report["plan_estimate_bytes"] = sum(est.values())
+    report["plan_error"] = report["plan_estimate_bytes"] / system["peak_mem_bytes"] - 1
+    if gpu:
+        peak = gpu_peak_flops(system["device_name"])
+        achieved = system["tokens_per_s"] / workers * system["flops_per_token"]
+        report["mfu"] = achieved / peak if peak else None
+        report["mfu_vs_measured_matmul"] = achieved / base["matmul_peak_flops"]
+        report["matmul_peak_flops"] = base["matmul_peak_flops"]
+    if search_micro_batch:
+        report["micro_batch_search"] = base["runs"]
+        ok = [r for r in base["runs"] if not r.get("oom")]
+        report["best_micro_batch"] = max(ok, key=lambda r: r["tokens_per_s"])["micro_batch"]
+    return report
+
+
+def format_report(r: dict) -> str:
+    mib = 1024**2
+    sb, bb = r["system_breakdown_s"], r["baseline_breakdown_s"]
+    lines = [
+        f"{r['model']} ({r['n_params'] / 1e6:.2f}M params) on {r['device']}, {r['workers']} workers, "
+        f"ZeRO-{r['zero_stage']}, {r['precision']}, micro batch {r['micro_batch']} x {r['seq_len']}, "
+        f"{r['threads_per_worker']} thread(s) per worker",
+        f"{'':<22}{'system':>14}{'baseline':>14}",
+        f"{'tokens/s':<22}{r['system_tokens_per_s']:>14,.0f}{r['baseline_tokens_per_s']:>14,.0f}"
+        f"   (baseline: {r['baseline_threads']} thread(s))",
+        f"{'step (ms)':<22}{sb['step_s'] * 1e3:>14.1f}{bb['step_s'] * 1e3:>14.1f}",
+        f"{'  data wait (ms)':<22}{sb['data_wait_s'] * 1e3:>14.1f}{0:>14.1f}",
+        f"{'  forward (ms)':<22}{sb['forward_s'] * 1e3:>14.1f}{bb['forward_s'] * 1e3:>14.1f}",
+        f"{'  backward (ms)':<22}{sb['backward_s'] * 1e3:>14.1f}{bb['backward_s'] * 1e3:>14.1f}",
+        f"{'  optimizer (ms)':<22}{sb['optimizer_s'] * 1e3:>14.1f}{bb['optimizer_s'] * 1e3:>14.1f}",
+        f"{'all-reduce grads (ms)':<22}{sb['allreduce_grads_s'] * 1e3:>14.1f}{'-':>14}",
+        f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
+        f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})",
+        f"ratio (system / baseline{' x GPUs' if r['device'] != 'cpu' else ' on the same CPU'}): {r['ratio']:.3f}",
+    ]
+    if "scaling_efficiency" in r:
+        lines.append(
+            f"scaling efficiency (system / (baseline with {r['threads_per_worker']} thread(s) x "
+            f"{r['workers']} workers = {r['baseline_one_worker_threads_tokens_per_s'] * r['workers']:,.0f} "
+            f"tokens/s)): {r['scaling_efficiency']:.3f}")
+    if "mfu" in r:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown peak"
+        lines.append(f"MFU: {mfu} of datasheet bf16 peak, {r['mfu_vs_measured_matmul']:.1%} of measured "
+                     f"matmul peak ({r['matmul_peak_flops'] / 1e12:,.0f} TFLOP/s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the baseline subprocess: python -m ptm_dist.bench SPEC OUT
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    Path(out_path).write_text(json.dumps(baseline(json.loads(Path(spec_path).read_text()))))

@@ -1,0 +1,29 @@
+"""`ptm bench train` on CPU with a debug model: the structure and internal consistency of what it
+prints (speed is for the benchmark itself, not for tests)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import debug_job
+
+from ptm_dist.bench import bench_train, format_report
+
+
+def test_bench_train_reports_consistent_figures(tmp_path, ray_session):
+    cfg = debug_job(tmp_path)
+    r = bench_train(cfg, steps=4, warmup=1, search_micro_batch=True)
+    for key in ("system_tokens_per_s", "baseline_tokens_per_s", "ratio", "system_breakdown_s",
+                "system_peak_mem_bytes", "baseline_peak_mem_bytes", "plan_estimate_bytes"):
+        assert key in r
+    assert r["ratio"] == pytest.approx(r["system_tokens_per_s"] / r["baseline_tokens_per_s"])
+    tokens_per_step = cfg.train.micro_batch * cfg.data.seq_len * cfg.scaling.num_workers
+    sb = r["system_breakdown_s"]
+    assert r["system_tokens_per_s"] == pytest.approx(tokens_per_step / sb["step_s"], rel=0.05)
+    parts = sb["data_wait_s"] + sb["forward_s"] + sb["backward_s"] + sb["optimizer_s"]
+    assert 0.5 * sb["step_s"] < parts <= sb["step_s"] * 1.01
+    assert r["system_peak_mem_bytes"] > 0 and r["baseline_peak_mem_bytes"] > 0
+    assert [m["micro_batch"] for m in r["micro_batch_search"]] == [1, 2, 4, 8, 16]
+    assert r["best_micro_batch"] in (1, 2, 4, 8, 16)
+    assert "mfu" not in r  # CPU: no datasheet peak
+    assert "ratio (system / baseline on the same CPU)" in format_report(r)
+    assert not list(tmp_path.glob("bench-*"))  # the bench leaves no run directory behind
