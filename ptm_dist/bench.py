@@ -325,20 +325,20 @@ def format_report(r: dict) -> str:
     mib = 1024**2
     sb, bb = r["system_breakdown_s"], r["baseline_breakdown_s"]
     lines = [
-        f"{r['model']} ({r['n_params'] / 1e6:.2f}M params) on {r['device']}, {r['workers']} workers, "
+        (f"{r['model']} ({r['n_params'] / 1e6:.2f}M params) on {r['device']}, {r['workers']} workers, "
         f"ZeRO-{r['zero_stage']}, {r['precision']}, micro batch {r['micro_batch']} x {r['seq_len']}, "
-        f"{r['threads_per_worker']} thread(s) per worker",
+        f"{r['threads_per_worker']} thread(s) per worker"),
         f"{'':<22}{'system':>14}{'baseline':>14}",
-        f"{'tokens/s':<22}{r['system_tokens_per_s']:>14,.0f}{r['baseline_tokens_per_s']:>14,.0f}"
-        f"   (baseline: {r['baseline_threads']} thread(s))",
+        (f"{'tokens/s':<22}{r['system_tokens_per_s']:>14,.0f}{r['baseline_tokens_per_s']:>14,.0f}"
+        f"   (baseline: {r['baseline_threads']} thread(s))"),
         f"{'step (ms)':<22}{sb['step_s'] * 1e3:>14.1f}{bb['step_s'] * 1e3:>14.1f}",
         f"{'  data wait (ms)':<22}{sb['data_wait_s'] * 1e3:>14.1f}{0:>14.1f}",
         f"{'  forward (ms)':<22}{sb['forward_s'] * 1e3:>14.1f}{bb['forward_s'] * 1e3:>14.1f}",
         f"{'  backward (ms)':<22}{sb['backward_s'] * 1e3:>14.1f}{bb['backward_s'] * 1e3:>14.1f}",
         f"{'  optimizer (ms)':<22}{sb['optimizer_s'] * 1e3:>14.1f}{bb['optimizer_s'] * 1e3:>14.1f}",
         f"{'all-reduce grads (ms)':<22}{sb['allreduce_grads_s'] * 1e3:>14.1f}{'-':>14}",
-        f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
-        f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})",
+        (f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
+        f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})"),
         f"ratio (system / baseline{' x GPUs' if r['device'] != 'cpu' else ' on the same CPU'}): {r['ratio']:.3f}",
     ]
     if "scaling_efficiency" in r:

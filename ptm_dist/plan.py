@@ -135,10 +135,10 @@ def plan(cfg: JobConfig, gpus: int, gpu_mem_gb: float, vocab_size: int, mfu: flo
 
 def format_plan(p: dict) -> str:
     lines = [
-        f"{p['model']}: {p['n_params'] / 1e6:,.1f}M parameters, {p['gpus']} GPUs x {p['gpu_mem_gb']:g} GiB, "
-        f"{p['precision']}, micro batch {p['micro_batch']} x {p['seq_len']} tokens",
-        f"{'option':<20}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}{'buffers':>9}{'total':>9}"
-        f"{'fits':>6}{'max mb':>8}",
+        (f"{p['model']}: {p['n_params'] / 1e6:,.1f}M parameters, {p['gpus']} GPUs x {p['gpu_mem_gb']:g} GiB, "
+        f"{p['precision']}, micro batch {p['micro_batch']} x {p['seq_len']} tokens"),
+        (f"{'option':<20}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}{'buffers':>9}{'total':>9}"
+        f"{'fits':>6}{'max mb':>8}"),
     ]
     for r in p["options"]:
         b = {k: v / GiB for k, v in r["bytes"].items()}
