@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                "bench": cmd_bench, "plan": cmd_plan}[args.command]
     try:
         handler(args)
+    except BrokenPipeError:  # output piped into head and the like
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         print("ptm: interrupted; the newest complete checkpoint is kept", file=sys.stderr)
         return 130

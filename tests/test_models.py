@@ -39,3 +39,20 @@ def test_flops_per_token_is_6n_plus_attention():
     cfg = models.hf_config("gpt2", "124m", 50304, 1024, SPECIAL)
     n = 124_000_000
     assert models.flops_per_token(cfg, n, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_activation_checkpointing_changes_memory_not_math():
+    """Recomputing activations in the backward pass gives the same loss and gradients."""
+    cfg = models.hf_config("llama", "debug", 512, 32, SPECIAL)
+    ids = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model = models.build(cfg, seed=0).train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
