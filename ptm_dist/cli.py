@@ -52,6 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU in TFLOP/s (default 989, H100 SXM)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p = sub.add_parser("submit", help="submit a job file to a Ray cluster (Ray Jobs API)",
+                       description="Submit JOB to the Ray cluster at --address (or RAY_ADDRESS). The job file "
+                       "is validated here, then sent with this ptm_dist package in the job's runtime env.")
+    _job_args(p)
+    p.add_argument("--address", help="Ray Jobs API address, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--command", dest="job_command", default="pretrain",
+                   help="ptm command to run on the cluster (default pretrain)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p = sub.add_parser("jobs", help="list, inspect, follow and stop cluster jobs",
+                       description="Ray Jobs API client; every command takes --address or RAY_ADDRESS.")
+    jsub = p.add_subparsers(dest="jobs", required=True)
+    for name, text in (("list", "all jobs"), ("status", "one job's status"), ("logs", "one job's logs"),
+                       ("stop", "stop a job")):
+        j = jsub.add_parser(name, help=text)
+        if name != "list":
+            j.add_argument("job_id")
+        if name == "logs":
+            j.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        j.add_argument("--address", help="Ray Jobs API address (default: RAY_ADDRESS)")
     return parser
 
 
@@ -115,6 +134,43 @@ def cmd_plan(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_submit(args) -> None:
+    from ptm_dist import submit as sm
+
+    job_id = sm.submit(args.job, args.address, args.overrides, args.job_command)
+    address = sm.resolve_address(args.address)
+    print(f"submitted {args.job_command} job {job_id} to {address}")
+    print(f"  follow:  ptm jobs logs {job_id} --follow --address {address}")
+    print(f"  status:  ptm jobs status {job_id} --address {address}")
+    print(f"  stop:    ptm jobs stop {job_id} --address {address}")
+    if args.wait:
+        for chunk in sm.follow_logs(args.address, job_id):
+            print(chunk, end="", flush=True)
+        print(f"status: {sm.status(args.address, job_id)['status']}")
+    print(f"job_id: {job_id}", flush=True)
+
+
+def cmd_jobs(args) -> None:
+    from ptm_dist import submit as sm
+
+    if args.jobs == "list":
+        jobs = sm.list_jobs(args.address)
+        print(f"{'job_id':<30}{'status':<12}entrypoint")
+        for j in jobs:
+            print(f"{j['job_id']:<30}{j['status']:<12}{j['entrypoint']}")
+    elif args.jobs == "status":
+        info = sm.status(args.address, args.job_id)
+        print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    elif args.jobs == "logs":
+        if args.follow:
+            for chunk in sm.follow_logs(args.address, args.job_id):
+                print(chunk, end="", flush=True)
+        else:
+            print(sm.logs(args.address, args.job_id), end="")
+    elif args.jobs == "stop":
+        print(f"{args.job_id}: {'stop requested' if sm.stop(args.address, args.job_id) else 'already ended'}")
+
+
 def _causes(e: BaseException):
     """``e`` and what it wraps: exception chains, Ray task errors and Ray Train's failures."""
     seen, todo = set(), [e]
@@ -136,11 +192,12 @@ def _user_error(e: BaseException) -> str | None:
     from ptm_dist.config import ConfigError
     from ptm_dist.data.sources import DataError
     from ptm_dist.export import ExportError
+    from ptm_dist.submit import SubmitError
 
     # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
     # is a traceback; the original error is further down the chain.
     for cause in _causes(e):
-        if isinstance(cause, (ConfigError, DataError, ExportError, FileNotFoundError)) and not (
+        if isinstance(cause, (ConfigError, DataError, ExportError, SubmitError, FileNotFoundError)) and not (
             isinstance(cause, RayError)
         ):
             # Ray Data appends retry advice to errors raised in its tasks; ours are one line.
@@ -159,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     handler = {"pretrain": cmd_pretrain, "prepare": cmd_prepare, "export": cmd_export,
-               "bench": cmd_bench, "plan": cmd_plan}[args.command]
+               "bench": cmd_bench, "plan": cmd_plan, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
         handler(args)
     except BrokenPipeError:  # output piped into head and the like

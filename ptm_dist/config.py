@@ -180,6 +180,9 @@ class ScalingSection(_Section):
         description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Empty: 1 GPU on GPU runs, "
         "1 CPU on CPU runs.",
     )
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="pack: workers on as few nodes as possible; spread: across nodes."
+    )
 
 
 class JobConfig(_Section):

@@ -52,7 +52,7 @@ def ray_session(cache_dir, s3_endpoint):
     if not ray.is_initialized():
         from ptm_dist.train.pretrain import worker_env_vars
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": worker_env_vars()})
     yield ray
     ray.shutdown()

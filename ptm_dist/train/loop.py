@@ -90,6 +90,7 @@ class Trainer:
         self.val = torch.as_tensor(val[rank::world], dtype=torch.long, device=device)
         self.step = 0
         self.tokens_seen = 0
+        self.nodes: list[str] = []  # Ray node id of each rank (recorded in checkpoints)
 
     # ------------------------------------------------------------------ state
 
@@ -188,6 +189,7 @@ class Trainer:
 
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -198,6 +200,11 @@ def train_loop(config: dict) -> None:
         torch.cuda.set_device(device)
     tr = Trainer(config, rank, world, device)
     cfg = tr.cfg
+    tr.nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_initialized():
+        nodes: list = [None] * world
+        dist.all_gather_object(nodes, tr.nodes[0])
+        tr.nodes = nodes
     resume = ckpt_lib.latest_complete_checkpoint(tr.run_dir)
     if resume:
         tr.restore(resume)
@@ -289,6 +296,7 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None) -> None:
             ckpt_lib.mark_complete(target, {
                 "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
                 "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
+                "nodes": tr.nodes,
             })
             ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
             if log is not None:

@@ -59,10 +59,14 @@ def check_resumable(cfg: JobConfig, run_dir: str) -> None:
         )
 
 
+# Environment for Ray workers. Ray Train's print patch would echo every progress line twice
+# (once through its logger, once to the captured stdout); the loop prints plainly.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def worker_env_vars() -> dict[str, str]:
-    """Environment for Ray workers. Ray Train's print patch would echo every progress line
-    twice (once through its logger, once to the captured stdout); the loop prints plainly."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    """WORKER_ENV plus this machine's cache and thread settings, for local clusters."""
+    env = dict(WORKER_ENV)
     for key in ("PTM_DIST_CACHE", "OMP_NUM_THREADS"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -96,13 +100,17 @@ def connect_ray(cfg: JobConfig) -> None:
         return
     env = {"env_vars": worker_env_vars()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        # Inside a submitted job the job's runtime env already carries these (ptm submit sets
+        # them) and Ray refuses to merge the same keys twice: pass only what differs.
+        missing = {k: v for k, v in env["env_vars"].items() if os.environ.get(k) != v}
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": missing} if missing else None,
+                 log_to_driver=True)
         return
     per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
     cpus = int(cfg.scaling.num_workers * per_worker + max(2, os.cpu_count() or 1))
     print(f"[ptm] starting local Ray with {cpus} logical CPUs "
           f"({cfg.scaling.num_workers} workers x {per_worker} CPU + room for data tasks)")
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
 
 
 def use_gpu(cfg: JobConfig) -> bool:
@@ -136,7 +144,8 @@ def pretrain(cfg: JobConfig) -> str:
         train_loop_config={"job": cfg.to_dict(), "run_dir": run_dir, **data.worker_config()},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement.upper(),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
