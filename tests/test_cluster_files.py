@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import tomllib
 import yaml
@@ -47,7 +48,7 @@ def test_launcher_yaml_passes_ray_validation_and_is_secure(path):
 def test_ray_validation_catches_a_misspelt_key():
     raw = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
     raw["avaliable_node_types"] = raw.pop("available_node_types")
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="avaliable_node_types"):
         ray_validate(raw)
 
 
