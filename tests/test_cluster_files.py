@@ -4,11 +4,11 @@ versions the images pin against pyproject.toml."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 

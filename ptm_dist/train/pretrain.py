@@ -88,16 +88,17 @@ def forget_ray_checkpoint_index(run_dir: str) -> None:
         fs.delete_file(p)
 
 
-def connect_ray(cfg: JobConfig) -> None:
+def connect_ray(cfg: JobConfig) -> bool:
     """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
 
     Ray Data's read/tokenize/pack tasks need CPUs that the training workers hold: on a small
-    machine the local instance gets extra logical CPUs so the stream never stalls.
+    machine the local instance gets extra logical CPUs so the stream never stalls. Returns
+    whether this call connected (the caller then disconnects when done).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {"env_vars": worker_env_vars()}
     if os.environ.get("RAY_ADDRESS"):
         # Inside a submitted job the job's runtime env already carries these (ptm submit sets
@@ -105,12 +106,16 @@ def connect_ray(cfg: JobConfig) -> None:
         missing = {k: v for k, v in env["env_vars"].items() if os.environ.get(k) != v}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": missing} if missing else None,
                  log_to_driver=True)
-        return
+        return True
     per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
     cpus = int(cfg.scaling.num_workers * per_worker + max(2, os.cpu_count() or 1))
     print(f"[ptm] starting local Ray with {cpus} logical CPUs "
           f"({cfg.scaling.num_workers} workers x {per_worker} CPU + room for data tasks)")
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    # The dashboard (on localhost only) serves the state API Ray Train polls; without it Ray
+    # logs a warning every few seconds.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env=env, log_to_driver=True)
+    return True
 
 
 def use_gpu(cfg: JobConfig) -> bool:
@@ -123,6 +128,7 @@ def use_gpu(cfg: JobConfig) -> bool:
 
 def pretrain(cfg: JobConfig) -> str:
     """Run the job; returns the run directory."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -134,7 +140,7 @@ def pretrain(cfg: JobConfig) -> str:
     data = prepare_data(cfg)
     print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}")
-    connect_ray(cfg)
+    owns_ray = connect_ray(cfg)
     gpu = use_gpu(cfg)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
     forget_ray_checkpoint_index(run_dir)
@@ -153,7 +159,11 @@ def pretrain(cfg: JobConfig) -> str:
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if owns_ray:
+            ray.shutdown()  # also flushes forwarded worker logs, so the summary comes last
     print_summary(run_dir, time.time() - t0)
     return run_dir
 
