@@ -114,6 +114,11 @@ class DataSection(_Section):
         description="Where the builtin corpus and trained tokenizers are kept. Empty: "
         "$PTM_DIST_CACHE, else ~/.cache/ptm-dist.",
     )
+    max_bad_shards: int = Field(
+        0, ge=0,
+        description="Bad shards (corrupt, undecodable, empty, missing the text column) a run may "
+        "skip, each reported by name; one more stops the run. 0: the first bad shard stops it.",
+    )
     read_concurrency: int = Field(
         2, ge=1, description="Shards read, tokenized and packed in parallel per worker stream."
     )

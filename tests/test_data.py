@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -147,3 +148,97 @@ def test_builtin_tokenizer_is_cached_and_loads_in_transformers(tmp_path):
     assert (d1 / "tokenizer.json").stat().st_mtime == mtime
     tok = AutoTokenizer.from_pretrained(str(d1))
     assert tok.eos_token == EOS and tok.mask_token == "<mask>" and len(tok) == 300
+
+
+def _corrupt(path, after_line: int):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:after_line]) + "{broken json\n" + "".join(lines[after_line:]))
+
+
+def _bad_stream_setup(tmp_path, tok_json, corrupt_after=10):
+    shards = _stream_shards(tmp_path)
+    bad_uri = shards[2].uri
+    _corrupt(Path(bad_uri), corrupt_after)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+    return shards, bad_uri, eos
+
+
+def _epoch_ids(stream, n=2000):
+    """ids of the first epoch of a stream (stops at the epoch boundary)."""
+    out = []
+    for seq_id, _ in stream:
+        if stream.position.epoch > 0:
+            break
+        out.append(seq_id)
+    return out
+
+
+def test_strict_by_default_a_bad_shard_stops_the_stream_naming_it(tmp_path, tok_json):
+    shards, bad_uri, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False)
+    with pytest.raises(DataError, match=rf"{bad_uri}: line 11: not valid JSON"):
+        _epoch_ids(stream)
+
+
+def test_bad_shard_budget_skips_the_rest_of_the_shard_and_counts_it(tmp_path, tok_json):
+    shards, bad_uri, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    got = _epoch_ids(stream)
+    assert list(stream.bad) == [2] and "line 11: not valid JSON" in stream.bad[2]
+    assert len(got) == len(set(got))  # nothing replayed
+    # Everything from the good shards, and from the bad one only what precedes the bad line.
+    clean = SequenceStream([s for s in shards], tok_json, 16, eos, 0, rank, 2, use_ray=False)
+    clean.bad = {2: "skip"}
+    expected_good = _epoch_ids(clean)
+    from_bad = [i for i in got if split_id(i)[0] == 2]
+    assert [i for i in got if split_id(i)[0] != 2] == expected_good
+    # Documents are read in batches, so at most what precedes the corrupt line was emitted.
+    assert len(from_bad) < 30
+
+
+def test_the_shard_past_the_budget_fails_the_run(tmp_path, tok_json):
+    from ptm_dist.data.pipeline import BadShardBudgetExceeded
+
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    other = next(i for i in shard_order(6, 0, 0, rank, 2) if i != 2)
+    Path(shards[other].uri).write_text("")  # an empty shard: the second bad one
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    with pytest.raises(BadShardBudgetExceeded, match=r"bad shard 2, over data.max_bad_shards=1"):
+        _epoch_ids(stream)
+
+
+def test_empty_shard_is_bad_input(tmp_path, tok_json):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: empty shard"):
+        list(pack_shard(Shard(str(p), "jsonl", "text"), 0, tok_json, 16, 0))
+
+
+def test_skipped_shards_are_remembered_across_resume(tmp_path, tok_json):
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    first = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    full = _epoch_ids(first)
+    cut = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    head = []
+    for seq_id, _ in cut:
+        head.append(seq_id)
+        if len(head) == len(full) - 5:
+            break
+    assert cut.bad  # the bad shard was met before the cut
+    resumed = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    resumed.load_state_dict(cut.state_dict())
+    assert head + _epoch_ids(resumed) == full
+    assert list(resumed.bad) == [2]
+
+
+def test_ray_data_stream_skips_a_bad_shard_like_the_local_one(tmp_path, tok_json, ray_session):
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    local = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    remote = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=True, max_bad_shards=1)
+    assert _epoch_ids(remote) == _epoch_ids(local)
+    assert list(remote.bad) == [2]

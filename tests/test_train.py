@@ -206,4 +206,25 @@ def test_a_bad_shard_met_in_training_stops_the_run_with_a_one_line_error(tmp_pat
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"ptm pretrain: error: {corpus}/b.jsonl: line 151: not valid JSON (Expecting value)")
+        f"ptm pretrain: error: {corpus}/b.jsonl: line 151: not valid JSON (Expecting value) "
+        "(bad shard 1, over data.max_bad_shards=0)")
+
+
+def test_a_bad_shard_within_the_budget_is_skipped_and_counted(tmp_path, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        (corpus / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{name} says hello world {i} " * 20}) + "\n" for i in range(150)))
+    with open(corpus / "b.jsonl", "a") as f:
+        f.write('{"text": broken\n')
+    cfg = debug_job(tmp_path, f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.2",
+                    "data.max_bad_shards=1", "train.max_steps=40", "train.log_every=10",
+                    "train.eval_every=40", "train.ckpt_every=40", "run.name=skip")
+    run_dir = pretrain(cfg)
+    lines = [m for m in read_lines(run_dir) if "loss" in m]
+    assert lines[-1]["step"] == 40 and lines[-1]["bad_shards"] == 1
+    rank_state = torch.load(f"{run_dir}/checkpoint_00000040/rank_0.pt", weights_only=False)["data"]
+    other = torch.load(f"{run_dir}/checkpoint_00000040/rank_1.pt", weights_only=False)["data"]
+    reasons = list(rank_state["bad"].values()) + list(other["bad"].values())
+    assert any("b.jsonl: line 151: not valid JSON" in r for r in reasons)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ptm_dist.data.sources import DataError, Shard, read_documents
+from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, read_documents
 
 ID_SHIFT = 32
 _DOCS_PER_ENCODE = 256
@@ -68,11 +68,15 @@ def pack_shard(
     docs: list[str] = []
     doc_iter = read_documents(shard)
     done = False
+    n_docs = 0
     while not done:
         try:
             docs.append(next(doc_iter))
+            n_docs += 1
         except StopIteration:
             done = True
+            if n_docs == 0:
+                raise ShardError(f"{shard.uri}: empty shard (no documents)", shard.uri) from None
         if docs and (done or len(docs) >= _DOCS_PER_ENCODE):
             buf = np.concatenate([buf, encode(docs)])
             docs = []
@@ -111,6 +115,10 @@ class DataPosition:
         self.epoch, self.last_id, self.consumed = state["epoch"], state["last_id"], state["consumed"]
 
 
+class BadShardBudgetExceeded(DataError):
+    """More bad shards than data.max_bad_shards allows."""
+
+
 def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
     """Ray Data UDF: one input row (a shard) -> batches of packed sequences."""
     for i in range(len(batch["uri"])):
@@ -129,7 +137,7 @@ class SequenceStream:
 
     def __init__(
         self, shards: list[Shard], tokenizer_json: str, seq_len: int, eos_id: int, seed: int,
-        rank: int, world: int, concurrency: int = 2, use_ray: bool = True,
+        rank: int, world: int, concurrency: int = 2, use_ray: bool = True, max_bad_shards: int = 0,
     ):
         if len(shards) < world:
             raise DataError(
@@ -139,22 +147,42 @@ class SequenceStream:
         self.shards, self.tok_json, self.seq_len, self.eos_id = shards, tokenizer_json, seq_len, eos_id
         self.seed, self.rank, self.world = seed, rank, world
         self.concurrency, self.use_ray = concurrency, use_ray
+        self.max_bad_shards = max_bad_shards
         self.position = DataPosition()
+        self.bad: dict[int, str] = {}  # shard index -> why it was skipped
+        self._index = {s.uri: i for i, s in enumerate(shards)}
 
     def state_dict(self) -> dict:
-        return self.position.state_dict()
+        return {**self.position.state_dict(), "bad": {str(k): v for k, v in self.bad.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.position.load_state_dict(state)
+        self.bad = {int(k): v for k, v in state.get("bad", {}).items()}
 
     def _epoch_plan(self) -> list[tuple[int, int]]:
-        """(shard_index, skip) for what remains of the current epoch."""
+        """(shard_index, skip) for what remains of the current epoch, bad shards left out."""
         order = shard_order(len(self.shards), self.seed, self.position.epoch, self.rank, self.world)
         if self.position.last_id is None:
-            return [(i, 0) for i in order]
-        last_shard, last_chunk = split_id(self.position.last_id)
-        start = order.index(last_shard)
-        return [(last_shard, last_chunk + 1)] + [(i, 0) for i in order[start + 1 :]]
+            plan = [(i, 0) for i in order]
+        else:
+            last_shard, last_chunk = split_id(self.position.last_id)
+            start = order.index(last_shard)
+            plan = [(last_shard, last_chunk + 1)] + [(i, 0) for i in order[start + 1 :]]
+        return [(i, skip) for i, skip in plan if i not in self.bad]
+
+    def _skip_bad_shard(self, error: BaseException) -> None:
+        """Record the bad shard inside ``error`` if the budget allows, else raise."""
+        bad = find_shard_error(error)
+        if bad is None or bad.shard not in self._index:
+            raise error
+        message = str(bad).splitlines()[0]
+        self.bad[self._index[bad.shard]] = message
+        if len(self.bad) > self.max_bad_shards:
+            raise BadShardBudgetExceeded(
+                f"{message} (bad shard {len(self.bad)}, over data.max_bad_shards={self.max_bad_shards})"
+            ) from None
+        print(f"[ptm] worker {self.rank}: skipping bad shard ({len(self.bad)}/{self.max_bad_shards}): "
+              f"{message}", flush=True)
 
     def _epoch_batches(self, plan: list[tuple[int, int]]) -> Iterator[dict]:
         if not self.use_ray:
@@ -183,12 +211,16 @@ class SequenceStream:
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while True:
             emitted = False
-            for batch in self._epoch_batches(self._epoch_plan()):
-                for seq_id, tokens in zip(batch["id"].tolist(), batch["input_ids"]):
-                    emitted = True
-                    self.position.last_id = seq_id
-                    self.position.consumed += 1
-                    yield seq_id, tokens
+            try:
+                for batch in self._epoch_batches(self._epoch_plan()):
+                    for seq_id, tokens in zip(batch["id"].tolist(), batch["input_ids"]):
+                        emitted = True
+                        self.position.last_id = seq_id
+                        self.position.consumed += 1
+                        yield seq_id, tokens
+            except Exception as e:  # noqa: BLE001 - Ray wraps task errors in its own types
+                self._skip_bad_shard(e)
+                continue  # the same epoch again from the position: nothing replayed or lost
             if not emitted and self.position.last_id is None:
                 raise DataError(
                     f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="

@@ -75,5 +75,5 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
         if not (tok_dir / "tokenizer.json").is_file():
             raise DataError(f"data.tokenizer.path {tok_dir}: no tokenizer.json there")
     else:
-        tok_dir = ensure_tokenizer(train, cfg.data.tokenizer.vocab_size, cache)
+        tok_dir = ensure_tokenizer(train, cfg.data.tokenizer.vocab_size, cache, cfg.data.max_bad_shards)
     return PreparedData(train, val, tok_dir)

@@ -30,6 +30,29 @@ class DataError(RuntimeError):
     """A shard or source cannot be used; the message names it."""
 
 
+class ShardError(DataError):
+    """One shard is bad (corrupt, undecodable, empty, missing its text column); ``shard`` is its
+    URI, so a run with a ``data.max_bad_shards`` budget can skip it."""
+
+    def __init__(self, message: str, shard: str):
+        super().__init__(message)
+        self.shard = shard
+
+    def __reduce__(self):  # survives pickling across Ray tasks with its shard attached
+        return (self.__class__, (str(self), self.shard))
+
+
+def find_shard_error(e: BaseException | None) -> ShardError | None:
+    """The ShardError inside ``e`` (Ray wraps errors raised in its tasks), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ShardError) and type(e) is ShardError:
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
 @dataclass(frozen=True)
 class Shard:
     """One file of a source. ``uri`` is what users see; ``path`` is the filesystem's path."""
@@ -127,13 +150,13 @@ def read_documents(shard: Shard) -> Iterator[str]:
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{shard.uri}: byte {e.start}: not valid UTF-8") from None
+                raise ShardError(f"{shard.uri}: byte {e.start}: not valid UTF-8", shard.uri) from None
         else:
             raise DataError(f"{shard.uri}: unknown format {shard.format!r}; allowed: jsonl, parquet, txt")
     except DataError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{shard.uri}: cannot read shard: {e}") from None
+        raise ShardError(f"{shard.uri}: cannot read shard: {e}", shard.uri) from None
 
 
 def _read_jsonl(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
@@ -163,17 +186,17 @@ def _jsonl_text(line: bytes, lineno: int, shard: Shard) -> str | None:
     try:
         obj = json.loads(line)
     except UnicodeDecodeError:
-        raise DataError(f"{shard.uri}: line {lineno}: not valid UTF-8") from None
+        raise ShardError(f"{shard.uri}: line {lineno}: not valid UTF-8", shard.uri) from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{shard.uri}: line {lineno}: not valid JSON ({e.msg})") from None
+        raise ShardError(f"{shard.uri}: line {lineno}: not valid JSON ({e.msg})", shard.uri) from None
     if not isinstance(obj, dict) or shard.text_column not in obj:
         keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(
-            f"{shard.uri}: line {lineno}: no text column {shard.text_column!r} (found: {keys})"
+        raise ShardError(
+            f"{shard.uri}: line {lineno}: no text column {shard.text_column!r} (found: {keys})", shard.uri
         )
     text = obj[shard.text_column]
     if not isinstance(text, str):
-        raise DataError(f"{shard.uri}: line {lineno}: {shard.text_column!r} is not a string")
+        raise ShardError(f"{shard.uri}: line {lineno}: {shard.text_column!r} is not a string", shard.uri)
     return text
 
 
@@ -181,8 +204,8 @@ def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
     pf = pq.ParquetFile(fs.open_input_file(p))
     names = pf.schema_arrow.names
     if shard.text_column not in names:
-        raise DataError(
-            f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})"
+        raise ShardError(
+            f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})", shard.uri
         )
     row = 0
     for batch in pf.iter_batches(columns=[shard.text_column], batch_size=1024):
@@ -191,5 +214,5 @@ def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise DataError(f"{shard.uri}: row {row}: {shard.text_column!r} is not a string")
+                raise ShardError(f"{shard.uri}: row {row}: {shard.text_column!r} is not a string", shard.uri)
             yield text

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ptm_dist.data.sources import Shard, read_documents
+from ptm_dist.data.sources import Shard, ShardError, read_documents
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -30,16 +30,23 @@ def tokenizer_key(shards: list[Shard], vocab_size: int) -> str:
     return f"bpe-{vocab_size}-{h.hexdigest()[:12]}"
 
 
-def _sample(shards: list[Shard], budget: int) -> Iterator[str]:
-    """Documents from shards spread over the list, until ``budget`` bytes are taken."""
-    taken = 0
+def _sample(shards: list[Shard], budget: int, max_bad_shards: int = 0) -> Iterator[str]:
+    """Documents from shards spread over the list, until ``budget`` bytes are taken. Bad shards
+    are skipped (and reported) within ``max_bad_shards``, as in training."""
+    taken, bad = 0, 0
     step = max(1, len(shards) // 64)  # at most ~64 shards are opened for the sample
     for shard in shards[::step]:
-        for doc in read_documents(shard):
-            yield doc
-            taken += len(doc)
-            if taken >= budget:
-                return
+        try:
+            for doc in read_documents(shard):
+                yield doc
+                taken += len(doc)
+                if taken >= budget:
+                    return
+        except ShardError as e:
+            bad += 1
+            if bad > max_bad_shards:
+                raise
+            print(f"[ptm] tokenizer sample: skipping bad shard ({bad}/{max_bad_shards}): {e}", flush=True)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -65,13 +72,13 @@ def save_for_transformers(tok: Tokenizer, out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
-def ensure_tokenizer(shards: list[Shard], vocab_size: int, cache: Path) -> Path:
+def ensure_tokenizer(shards: list[Shard], vocab_size: int, cache: Path, max_bad_shards: int = 0) -> Path:
     """Directory of the cached tokenizer for these shards, training it first if missing."""
     out = cache / "tokenizers" / tokenizer_key(shards, vocab_size)
     if (out / "tokenizer.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(_sample(shards, TRAIN_SAMPLE_BYTES), vocab_size)
+    tok = train_tokenizer(_sample(shards, TRAIN_SAMPLE_BYTES, max_bad_shards), vocab_size)
     tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
     try:
         save_for_transformers(tok, tmp)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import models, storage
 from ptm_dist.config import JobConfig
-from ptm_dist.data.pipeline import SequenceStream, take_sequences
+from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.data.sources import Shard
 from ptm_dist.engine import initialize, manual_clip
 from ptm_dist.tracking import MetricsLog, gpu_peak_flops
@@ -81,6 +81,7 @@ class Trainer:
         self.stream = SequenceStream(
             shards, config["tokenizer_json"], cfg.data.seq_len, special["eos"], cfg.run.seed,
             rank, world, cfg.data.read_concurrency, use_ray=config.get("use_ray_data", True),
+            max_bad_shards=cfg.data.max_bad_shards,
         )
         _, val = take_sequences(
             [Shard(**s) for s in config["val_shards"]], config["tokenizer_json"],
@@ -179,6 +180,22 @@ class Trainer:
             dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
+    def bad_shards(self) -> dict[int, str]:
+        """Bad shards skipped so far by all ranks; more than data.max_bad_shards stops the run
+        (each rank also stops as soon as its own count passes the budget)."""
+        bad = dict(self.stream.bad)
+        if dist.is_initialized():
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, bad)
+            for g in gathered:
+                bad.update(g)
+        if len(bad) > self.cfg.data.max_bad_shards:
+            names = "; ".join(bad[i] for i in sorted(bad))
+            raise BadShardBudgetExceeded(
+                f"{len(bad)} bad shards exceed data.max_bad_shards={self.cfg.data.max_bad_shards}: {names}"
+            )
+        return bad
+
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         if dist.is_initialized():
             value = value.clone()
@@ -254,6 +271,8 @@ def train_loop(config: dict) -> None:
                 "tokens": tr.tokens_seen,
                 "epoch": tr.stream.position.epoch,
             }
+            if cfg.data.max_bad_shards:
+                record["bad_shards"] = len(tr.bad_shards())
             if peak:
                 record["mfu"] = tr.flops_per_token * tps / (peak * world)
             write(record)
