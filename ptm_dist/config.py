@@ -79,8 +79,10 @@ class SourceSection(_Section):
         description="'builtin' (the corpus built from Python's own documentation), a local "
         "directory, file or glob, or a URI (s3://, gs://, file://).",
     )
-    format: Literal["auto", "jsonl", "parquet", "txt"] = Field(
-        "auto", description="Shard format; auto picks it from the file extension."
+    format: Literal["auto", "jsonl", "parquet", "txt", "hf"] = Field(
+        "auto",
+        description="Shard format; auto picks it from the file extension (a directory written by "
+        "datasets' save_to_disk is read as hf).",
     )
     text_column: str = Field("text", description="Column (jsonl key) holding the document text.")
 

@@ -182,7 +182,7 @@ def test_strict_by_default_a_bad_shard_stops_the_stream_naming_it(tmp_path, tok_
 
 
 def test_bad_shard_budget_skips_the_rest_of_the_shard_and_counts_it(tmp_path, tok_json):
-    shards, bad_uri, eos = _bad_stream_setup(tmp_path, tok_json)
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
     rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
     stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
     got = _epoch_ids(stream)
@@ -242,3 +242,64 @@ def test_ray_data_stream_skips_a_bad_shard_like_the_local_one(tmp_path, tok_json
     remote = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=True, max_bad_shards=1)
     assert _epoch_ids(remote) == _epoch_ids(local)
     assert list(remote.bad) == [2]
+
+
+def test_hugging_face_save_to_disk_directory(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"body": DOCS[:40], "n": list(range(40))}).save_to_disk(
+        str(tmp_path / "ds"), num_shards=2)
+    shards = find_shards(str(tmp_path / "ds"), text_column="body")
+    assert [s.format for s in shards] == ["hf", "hf"]
+    assert [d for s in shards for d in read_documents(s)] == DOCS[:40]
+    with pytest.raises(DataError, match=r"no text column 'text' \(columns: body, n\)"):
+        list(read_documents(find_shards(str(tmp_path / "ds"))[0]))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
+        str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"a DatasetDict with splits \['train'\]; name one split"):
+        find_shards(str(tmp_path / "dd"))
+
+
+def test_zstd_jsonl(tmp_path):
+    import pyarrow as pa
+
+    raw = "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:5]).encode()
+    with pa.output_stream(str(tmp_path / "a.jsonl.zst"), compression="zstd") as f:
+        f.write(raw)
+    (shard,) = find_shards(str(tmp_path))
+    assert shard.format == "jsonl" and list(read_documents(shard)) == DOCS[:5]
+
+
+def test_truncated_gzip_shard_is_named(tmp_path):
+    data = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:50]).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (shard,) = find_shards(str(tmp_path))
+    with pytest.raises(DataError, match="t.jsonl.gz: cannot read shard"):
+        list(read_documents(shard))
+
+
+def test_shards_on_s3_through_pyarrow_and_ray_data(tmp_path, tok_json, s3_endpoint, ray_session):
+    import boto3
+
+    s3 = boto3.client("s3")
+    for i in range(4):
+        s3.put_object(Bucket="ptm", Key=f"corpus/part-{i}.jsonl",
+                      Body="".join(json.dumps({"text": d}) + "\n" for d in DOCS[i * 40 : (i + 1) * 40]))
+    s3.put_object(Bucket="ptm", Key="corpus/README.md", Body="not a shard")
+    shards = find_shards("s3://ptm/corpus/*.jsonl")
+    assert [s.uri for s in shards] == [f"s3://ptm/corpus/part-{i}.jsonl" for i in range(4)]
+    assert list(read_documents(shards[1])) == DOCS[40:80]
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+    remote = SequenceStream(shards, tok_json, 16, eos, 0, 0, 2, use_ray=True)
+    local = SequenceStream(shards, tok_json, 16, eos, 0, 0, 2, use_ray=False)
+    assert _take(remote, 100) == _take(local, 100)
+    with pytest.raises(DataError, match="s3://ptm/nothing-here: no such file or directory"):
+        find_shards("s3://ptm/nothing-here")
+
+
+def test_same_seed_same_stream_across_reruns_other_seed_other_order(tmp_path, tok_json, ray_session):
+    shards = _stream_shards(tmp_path)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+    runs = [_take(SequenceStream(shards, tok_json, 16, eos, 7, 0, 2, use_ray=True), 200) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert _take(SequenceStream(shards, tok_json, 16, eos, 8, 0, 2, use_ray=True), 200) != runs[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 FORMATS_BY_SUFFIX = {
     ".jsonl": "jsonl",
@@ -23,6 +24,7 @@ FORMATS_BY_SUFFIX = {
     ".jsonl.zst": "jsonl",
     ".parquet": "parquet",
     ".txt": "txt",
+    ".arrow": "hf",
 }
 
 
@@ -92,8 +94,34 @@ def _join(uri: str, fs_path: str, base_path: str) -> str:
     return f"{scheme}://{fs_path}"
 
 
+def _hf_dataset_shards(fs: pafs.FileSystem, base_path: str, path: str, text_column: str) -> list[Shard] | None:
+    """The arrow files of a Hugging Face ``save_to_disk`` directory, in the dataset's order
+    (None if ``path`` is not one)."""
+    def read(name: str) -> dict | None:
+        info = fs.get_file_info(f"{base_path}/{name}")
+        if info.type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(info.path) as f:
+            return json.loads(f.read())
+
+    dataset_dict = read("dataset_dict.json")
+    if dataset_dict is not None:
+        splits = dataset_dict.get("splits", [])
+        raise DataError(
+            f"{path}: a DatasetDict with splits {splits}; name one split's directory, e.g. {path}/{splits[0] if splits else 'train'}"
+        )
+    state = read("state.json")
+    if state is None:
+        return None
+    files = [f["filename"] for f in state.get("_data_files", [])]
+    if not files:
+        raise DataError(f"{path}: state.json lists no data files")
+    return [Shard(_join(path, f"{base_path}/{f}", base_path), "hf", text_column) for f in files]
+
+
 def find_shards(path: str, format: str = "auto", text_column: str = "text") -> list[Shard]:
-    """All shards named by ``path`` (file, directory or glob), sorted by name."""
+    """All shards named by ``path`` (file, directory or glob), sorted by name. A directory
+    written by ``datasets``' ``save_to_disk`` gives its arrow files, in the dataset's order."""
     has_glob = any(c in path for c in "*?[")
     base = path
     if has_glob:
@@ -106,6 +134,10 @@ def find_shards(path: str, format: str = "auto", text_column: str = "text") -> l
         raise DataError(f"{path}: cannot reach this location: {e}") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{path}: no such file or directory")
+    if info.type == pafs.FileType.Directory and not has_glob and format in ("auto", "hf"):
+        hf = _hf_dataset_shards(fs, base_path, path.rstrip("/"), text_column)
+        if hf is not None:
+            return hf
     if info.type == pafs.FileType.File and not has_glob:
         candidates = [info.path]
     else:
@@ -125,7 +157,7 @@ def find_shards(path: str, format: str = "auto", text_column: str = "text") -> l
             if info.type == pafs.FileType.File:
                 raise DataError(
                     f"{c}: cannot tell the format from the extension; set format to one of "
-                    "jsonl, parquet, txt"
+                    "jsonl, parquet, txt, hf"
                 )
             continue  # files of other kinds in a directory (READMEs, indexes) are not shards
         shards.append(Shard(_join(path, c, base_path), fmt, text_column))
@@ -144,6 +176,8 @@ def read_documents(shard: Shard) -> Iterator[str]:
             yield from _read_jsonl(fs, p, shard)
         elif shard.format == "parquet":
             yield from _read_parquet(fs, p, shard)
+        elif shard.format == "hf":
+            yield from _read_arrow(fs, p, shard)
         elif shard.format == "txt":
             with fs.open_input_stream(p, compression="detect") as f:
                 raw = f.read()
@@ -152,7 +186,7 @@ def read_documents(shard: Shard) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise ShardError(f"{shard.uri}: byte {e.start}: not valid UTF-8", shard.uri) from None
         else:
-            raise DataError(f"{shard.uri}: unknown format {shard.format!r}; allowed: jsonl, parquet, txt")
+            raise DataError(f"{shard.uri}: unknown format {shard.format!r}; allowed: jsonl, parquet, txt, hf")
     except DataError:
         raise
     except (OSError, ValueError, EOFError) as e:
@@ -200,6 +234,30 @@ def _jsonl_text(line: bytes, lineno: int, shard: Shard) -> str | None:
     return text
 
 
+def _texts(shard: Shard, column, start_row: int) -> Iterator[str]:
+    for i, text in enumerate(column.to_pylist()):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise ShardError(f"{shard.uri}: row {start_row + i + 1}: {shard.text_column!r} is not a string", shard.uri)
+        yield text
+
+
+def _read_arrow(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
+    """A ``datasets`` arrow file (Arrow IPC stream), batch by batch."""
+    with fs.open_input_stream(p) as f:
+        reader = ipc.open_stream(f)
+        names = reader.schema.names
+        if shard.text_column not in names:
+            raise ShardError(
+                f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})", shard.uri
+            )
+        row = 0
+        for batch in reader:
+            yield from _texts(shard, batch.column(shard.text_column), row)
+            row += batch.num_rows
+
+
 def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
     pf = pq.ParquetFile(fs.open_input_file(p))
     names = pf.schema_arrow.names
@@ -209,10 +267,5 @@ def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
         )
     row = 0
     for batch in pf.iter_batches(columns=[shard.text_column], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise ShardError(f"{shard.uri}: row {row}: {shard.text_column!r} is not a string", shard.uri)
-            yield text
+        yield from _texts(shard, batch.column(0), row)
+        row += batch.num_rows
