@@ -353,6 +353,61 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ data
+
+
+def bench_data(cfg: JobConfig, max_shards: int | None = None) -> dict:
+    """Raw tokenizers batch encoding against this pipeline (read + tokenize + pack into a
+    consumer through Ray Data), on the same shards, machine and cores.
+
+    The raw figure encodes documents already in memory with all cores (reading is not timed);
+    the pipeline figure counts the tokens of the packed sequences it delivers (each shard's last
+    partial sequence is dropped, so it slightly undercounts)."""
+    from tokenizers import Tokenizer
+
+    from ptm_dist.data.pipeline import SequenceStream
+    from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.data.sources import read_documents
+    from ptm_dist.train.pretrain import connect_ray
+
+    data = prepare_data(cfg)
+    wc = data.worker_config()
+    shards = data.train[:max_shards] if max_shards else data.train
+    docs = [d for s in shards for d in read_documents(s)]
+    tok = Tokenizer.from_str(wc["tokenizer_json"])
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
+    try:
+        tok.encode_batch_fast(docs[:64])  # warm-up
+        t0 = time.perf_counter()
+        raw_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs))
+        raw_s = time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+    connect_ray(cfg)
+    stream = SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, wc["special"]["eos"],
+                            cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in stream:
+        if stream.position.epoch > 0:
+            break
+        n += 1
+    pipe_s = time.perf_counter() - t0
+    pipeline_tokens = n * cfg.data.seq_len
+    return {
+        "shards": len(shards), "documents": len(docs), "cpus": os.cpu_count(),
+        "read_concurrency": cfg.data.read_concurrency, "seq_len": cfg.data.seq_len,
+        "raw_tokens": raw_tokens, "raw_seconds": raw_s, "raw_tokens_per_s": raw_tokens / raw_s,
+        "pipeline_tokens": pipeline_tokens, "pipeline_seconds": pipe_s,
+        "pipeline_tokens_per_s": pipeline_tokens / pipe_s,
+        "ratio": (pipeline_tokens / pipe_s) / (raw_tokens / raw_s),
+    }
+
+
 if __name__ == "__main__":  # the baseline subprocess: python -m ptm_dist.bench SPEC OUT
     spec_path, out_path = sys.argv[1], sys.argv[2]
     Path(out_path).write_text(json.dumps(baseline(json.loads(Path(spec_path).read_text()))))

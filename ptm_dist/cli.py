@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--search-micro-batch", action="store_true",
                    help="also time the baseline at other micro batch sizes (until out of memory on GPU)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    b = bsub.add_parser("data", help="raw tokenizer throughput vs this read+tokenize+pack pipeline",
+                        description="Measure raw Hugging Face tokenizers batch encoding and this "
+                        "pipeline's read + tokenize + pack throughput on the same shards.")
+    _job_args(b)
+    b.add_argument("--max-shards", type=int, help="use only the first N training shards")
+    b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     p = sub.add_parser("plan", help="memory per ZeRO stage, recommended stage, time and GPU-hours",
                        description="Estimate per-GPU memory for each ZeRO stage and offload choice, "
                        "recommend a stage and micro batch, and estimate time to the job's token budget.")
@@ -106,8 +112,15 @@ def cmd_bench(args) -> None:
     from ptm_dist.bench import bench_train, format_report
     from ptm_dist.config import load
 
-    report = bench_train(load(args.job, args.overrides), args.steps, args.warmup, args.search_micro_batch)
-    print(format_report(report))
+    if args.bench == "data":
+        from ptm_dist.bench import bench_data
+
+        report = bench_data(load(args.job, args.overrides), args.max_shards)
+        print(f"raw tokenizers: {report['raw_tokens_per_s']:,.0f} tokens/s; pipeline: "
+              f"{report['pipeline_tokens_per_s']:,.0f} tokens/s; ratio {report['ratio']:.3f}")
+    else:
+        report = bench_train(load(args.job, args.overrides), args.steps, args.warmup, args.search_micro_batch)
+        print(format_report(report))
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:

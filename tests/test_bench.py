@@ -27,3 +27,15 @@ def test_bench_train_reports_consistent_figures(tmp_path, ray_session):
     assert "mfu" not in r  # CPU: no datasheet peak
     assert "ratio (system / baseline on the same CPU)" in format_report(r)
     assert not list(tmp_path.glob("bench-*"))  # the bench leaves no run directory behind
+
+
+def test_bench_data_reports_consistent_figures(tmp_path, ray_session):
+    from ptm_dist.bench import bench_data
+
+    r = bench_data(debug_job(tmp_path), max_shards=2)
+    assert r["shards"] == 2 and r["documents"] > 0
+    assert r["raw_tokens_per_s"] == pytest.approx(r["raw_tokens"] / r["raw_seconds"])
+    assert r["pipeline_tokens_per_s"] == pytest.approx(r["pipeline_tokens"] / r["pipeline_seconds"])
+    assert r["ratio"] == pytest.approx(r["pipeline_tokens_per_s"] / r["raw_tokens_per_s"])
+    # Packing drops at most one partial sequence per shard, and adds one EOS per document.
+    assert r["raw_tokens"] - 2 * 32 <= r["pipeline_tokens"] <= r["raw_tokens"] + r["documents"]
