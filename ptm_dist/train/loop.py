@@ -249,7 +249,9 @@ def train_loop(config: dict) -> None:
 
     it = iter(tr.stream)
     loss_sum = torch.zeros((), device=device)
-    n_in_window, wait, window_start = 0, 0.0, time.perf_counter()
+    # A window of training steps between metrics lines; time spent evaluating and checkpointing
+    # (paused) is left out of its tokens/s and data-wait fraction.
+    n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     start_step = tr.step
     while tr.step < cfg.train.max_steps:
@@ -259,7 +261,7 @@ def train_loop(config: dict) -> None:
         n_in_window += 1
         last = tr.step == cfg.train.max_steps
         if tr.step % cfg.train.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window_start - paused
             tps = tokens_per_step * n_in_window / elapsed
             record = {
                 "step": tr.step,
@@ -284,7 +286,8 @@ def train_loop(config: dict) -> None:
                     f"lr {record['lr']:.2e} {tps:,.0f} tok/s eta {eta:.0f}s", flush=True,
                 )
             loss_sum.zero_()
-            n_in_window, wait, window_start = 0, 0.0, time.perf_counter()
+            n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
+        t_pause = time.perf_counter()
         if tr.step % cfg.train.eval_every == 0 or last:
             eval_loss = tr.evaluate()
             write({"step": tr.step, "eval_loss": eval_loss, "tokens": tr.tokens_seen})
@@ -292,6 +295,7 @@ def train_loop(config: dict) -> None:
                 print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
         if tr.step % cfg.train.ckpt_every == 0 or last:
             save_checkpoint(tr, log)
+        paused += time.perf_counter() - t_pause
     if log is not None:
         log.close()
 
