@@ -184,32 +184,18 @@ def cmd_jobs(args) -> None:
         print(f"{args.job_id}: {'stop requested' if sm.stop(args.address, args.job_id) else 'already ended'}")
 
 
-def _causes(e: BaseException):
-    """``e`` and what it wraps: exception chains, Ray task errors and Ray Train's failures."""
-    seen, todo = set(), [e]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
-                 getattr(e, "controller_failure", None)]
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
-
-
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for errors that are the user's to fix, else None."""
     from ray.exceptions import RayError
 
     from ptm_dist.config import ConfigError
-    from ptm_dist.data.sources import DataError
+    from ptm_dist.data.sources import DataError, iter_causes
     from ptm_dist.export import ExportError
     from ptm_dist.submit import SubmitError
 
     # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
     # is a traceback; the original error is further down the chain.
-    for cause in _causes(e):
+    for cause in iter_causes(e):
         if isinstance(cause, (ConfigError, DataError, ExportError, SubmitError, FileNotFoundError)) and not (
             isinstance(cause, RayError)
         ):

@@ -17,6 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyarrow import ipc
 
+from ptm_dist import storage
+
 FORMATS_BY_SUFFIX = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -44,15 +46,24 @@ class ShardError(DataError):
         return (self.__class__, (str(self), self.shard))
 
 
-def find_shard_error(e: BaseException | None) -> ShardError | None:
-    """The ShardError inside ``e`` (Ray wraps errors raised in its tasks), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
+def iter_causes(e: BaseException | None):
+    """``e`` and every error it wraps: exception chains, Ray task errors (``.cause``) and Ray
+    Train's failures (``worker_failures``, ``controller_failure``)."""
+    seen, todo = set(), [e]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
-        if isinstance(e, ShardError) and type(e) is ShardError:
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
+        yield e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 getattr(e, "controller_failure", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+
+
+def find_shard_error(e: BaseException | None) -> ShardError | None:
+    """The ShardError inside ``e`` (Ray wraps errors raised in its tasks in subclasses), if any."""
+    return next((c for c in iter_causes(e) if type(c) is ShardError), None)
 
 
 @dataclass(frozen=True)
@@ -68,12 +79,11 @@ class Shard:
 
 
 def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad URIs
-            raise DataError(f"{uri}: cannot open this location: {e}") from None
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    """storage.resolve, with a bad or unreachable URI as a DataError naming it."""
+    try:
+        return storage.resolve(uri)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad URIs
+        raise DataError(f"{uri}: cannot open this location: {e}") from None
 
 
 def _format_of(name: str, declared: str) -> str | None:
@@ -86,7 +96,7 @@ def _format_of(name: str, declared: str) -> str | None:
     return None
 
 
-def _join(uri: str, fs_path: str, base_path: str) -> str:
+def _join(uri: str, fs_path: str) -> str:
     """Rebuild a user-facing URI for a file found under a listed directory."""
     if "://" not in uri:
         return fs_path
@@ -116,7 +126,7 @@ def _hf_dataset_shards(fs: pafs.FileSystem, base_path: str, path: str, text_colu
     files = [f["filename"] for f in state.get("_data_files", [])]
     if not files:
         raise DataError(f"{path}: state.json lists no data files")
-    return [Shard(_join(path, f"{base_path}/{f}", base_path), "hf", text_column) for f in files]
+    return [Shard(_join(path, f"{base_path}/{f}"), "hf", text_column) for f in files]
 
 
 def find_shards(path: str, format: str = "auto", text_column: str = "text") -> list[Shard]:
@@ -160,7 +170,7 @@ def find_shards(path: str, format: str = "auto", text_column: str = "text") -> l
                     "jsonl, parquet, txt, hf"
                 )
             continue  # files of other kinds in a directory (READMEs, indexes) are not shards
-        shards.append(Shard(_join(path, c, base_path), fmt, text_column))
+        shards.append(Shard(_join(path, c), fmt, text_column))
     if not shards:
         raise DataError(
             f"{path}: no shards found (looked for {', '.join(sorted(FORMATS_BY_SUFFIX))} files)"
