@@ -192,6 +192,22 @@ class ScalingSection(_Section):
     )
 
 
+class TrackingSection(_Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto",
+        description="Weights & Biases logging. auto: online when WANDB_API_KEY is set or wandb is "
+        "logged in (netrc), else offline (WANDB_MODE, when set, decides instead); offline: files "
+        "under <run_dir>/wandb/, upload later with `wandb sync`; disabled: no wandb at all "
+        "(metrics.jsonl and job.yaml are always written).",
+    )
+    project: str = Field("ptm-dist", description="wandb project.")
+    entity: str | None = Field(None, description="wandb entity (user or team). Empty: your default.")
+    tags: list[str] = Field(default_factory=list, description="wandb tags for the run.")
+    group: str | None = Field(
+        None, description="wandb group. Empty: none for single runs, the sweep's name for tune trials."
+    )
+
+
 class JobConfig(_Section):
     """A whole job: what `ptm pretrain JOB` runs."""
 
@@ -201,6 +217,7 @@ class JobConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
