@@ -194,7 +194,8 @@ def baseline(spec: dict) -> dict:
                           models.SpecialTokens(**special), cfg.model.dropout)
     steps, warmup = spec["steps"], spec["warmup"]
     stream = iter(SequenceStream([Shard(**s) for s in wd["train_shards"]], wd["tokenizer_json"],
-                                 cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False))
+                                 cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False,
+                                 shuffle_window=cfg.data.shuffle_window))
     obj = objective_for(cfg, special, wd["vocab_size"])
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
     results = []
@@ -389,7 +390,8 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None) -> dict:
             os.environ["TOKENIZERS_PARALLELISM"] = old
     connect_ray(cfg)
     stream = SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, wc["special"]["eos"],
-                            cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True)
+                            cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True,
+                            shuffle_window=cfg.data.shuffle_window)
     n = 0
     t0 = time.perf_counter()
     for _ in stream:

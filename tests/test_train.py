@@ -39,7 +39,8 @@ def reference_losses(cfg, world: int) -> list[float]:
     engine = PlainEngine(model, opt, build_scheduler(opt, cfg), cfg.train.grad_accum, cfg.train.grad_clip)
     shards = [Shard(**s) for s in wc["train_shards"]]
     streams = [iter(SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, special["eos"],
-                                   cfg.run.seed, r, world, use_ray=False)) for r in range(world)]
+                                   cfg.run.seed, r, world, use_ray=False,
+                                   shuffle_window=cfg.data.shuffle_window)) for r in range(world)]
     obj = objective_for(cfg, special, wc["vocab_size"])
     losses = []
     for _ in range(cfg.train.max_steps):

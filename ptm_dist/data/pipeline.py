@@ -16,6 +16,7 @@ padding; a shard's last partial sequence is dropped.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -51,6 +52,11 @@ def pack_shard(
     The first ``skip`` sequences are not emitted (used on resume). Memory is bounded by one
     encode batch plus ``out_rows`` sequences, whatever the shard size.
     """
+    if shard.format == "tokens":
+        from ptm_dist.data.tokens import read_token_shard
+
+        yield from read_token_shard(shard, shard_index, seq_len, skip, out_rows)
+        return
     tok = _tokenizer(tokenizer_json)
     buf = np.empty(0, dtype=np.int32)
     chunk = 0
@@ -94,25 +100,55 @@ def pack_shard(
         yield {"id": np.asarray(ids, dtype=np.int64), "input_ids": np.stack(rows)}
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
-    """Global shard indices rank ``rank`` reads in ``epoch``, in order."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    return [int(i) for i in perm[rank::world]]
+def epoch_slots(weights: list[float], seed: int, epoch: int) -> list[int]:
+    """Shard indices read in ``epoch``, in order, all ranks together.
+
+    A shard of weight w is read int(w) times per epoch, plus once more for a seeded choice of
+    shards drawn in proportion to the fractional parts (w=0.5: half the source's shards, a
+    different half each epoch; w=2: every shard twice). All weights 1: a permutation.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    slots = [i for i, w in enumerate(weights) for _ in range(int(w))]
+    frac = np.array([w - int(w) for w in weights])
+    extra = round(float(frac.sum()))
+    if extra:
+        candidates = np.flatnonzero(frac > 0)
+        pick = rng.choice(candidates, size=min(extra, len(candidates)), replace=False,
+                          p=frac[candidates] / frac[candidates].sum())
+        slots += sorted(int(i) for i in pick)
+    return [slots[k] for k in rng.permutation(len(slots))]
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world: int,
+                weights: list[float] | None = None) -> list[int]:
+    """Shard indices rank ``rank`` reads in ``epoch``, in order (every world-th slot)."""
+    return epoch_slots(weights or [1.0] * num_shards, seed, epoch)[rank::world]
 
 
 @dataclass
 class DataPosition:
-    """Where a rank's stream stands: the epoch and the last sequence consumed in it."""
+    """Where a rank's stream stands in its epoch.
+
+    ``slot``/``chunk`` locate the start of the current shuffle window in the rank's unshuffled
+    shard plan (slot k of the plan, sequence ``chunk`` of that shard); ``taken`` sequences of
+    that window have been consumed. Rebuilding the window from its start gives the same
+    sequences in the same shuffled order, so a resume neither replays nor skips one.
+    """
 
     epoch: int = 0
-    last_id: int | None = None
+    slot: int = 0
+    chunk: int = 0
+    taken: int = 0
     consumed: int = 0  # sequences consumed in this epoch by this rank
+    last_id: int | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.last_id, self.consumed = state["epoch"], state["last_id"], state["consumed"]
+        for key, value in state.items():
+            if key in self.__dataclass_fields__:
+                setattr(self, key, value)
 
 
 class BadShardBudgetExceeded(DataError):
@@ -120,16 +156,23 @@ class BadShardBudgetExceeded(DataError):
 
 
 def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
-    """Ray Data UDF: one input row (a shard) -> batches of packed sequences."""
+    """Ray Data UDF: one input row (a shard of the plan) -> batches of packed sequences."""
     for i in range(len(batch["uri"])):
-        shard = Shard(str(batch["uri"][i]), str(batch["format"][i]), str(batch["text_column"][i]))
-        yield from pack_shard(
+        dtype = str(batch["dtype"][i]) or None
+        shard = Shard(str(batch["uri"][i]), str(batch["format"][i]), str(batch["text_column"][i]), dtype=dtype)
+        for out in pack_shard(
             shard, int(batch["shard_index"][i]), tokenizer_json, seq_len, eos_id, int(batch["skip"][i])
-        )
+        ):
+            out["slot"] = np.full(len(out["id"]), int(batch["slot"][i]), dtype=np.int64)
+            yield out
 
 
 class SequenceStream:
     """Endless iterator of (id, tokens) for one rank, epoch after epoch, resumable.
+
+    Order: the epoch's shard plan (``epoch_slots``, seeded by run.seed and the epoch), read in
+    order, then shuffled within consecutive windows of ``shuffle_window`` sequences (1: no
+    shuffle). Memory is bounded by the window, Ray Data's prefetch and one shard's encode batch.
 
     ``use_ray=False`` runs the same packing in this process (debugging, reference runs in
     tests); both give the same sequences in the same order.
@@ -138,16 +181,20 @@ class SequenceStream:
     def __init__(
         self, shards: list[Shard], tokenizer_json: str, seq_len: int, eos_id: int, seed: int,
         rank: int, world: int, concurrency: int = 2, use_ray: bool = True, max_bad_shards: int = 0,
+        shuffle_window: int = 1,
     ):
-        if len(shards) < world:
+        self.weights = [s.weight for s in shards]
+        if len(epoch_slots(self.weights, seed, 0)) < world:
             raise DataError(
-                f"the training data has {len(shards)} shard(s) but there are {world} workers; "
-                "every worker needs at least one shard (add shards or lower scaling.num_workers)"
+                f"the training data has {len(shards)} shard(s) (weighted: {sum(self.weights):g} per epoch) "
+                f"but there are {world} workers; every worker needs at least one shard "
+                "(add shards or lower scaling.num_workers)"
             )
         self.shards, self.tok_json, self.seq_len, self.eos_id = shards, tokenizer_json, seq_len, eos_id
         self.seed, self.rank, self.world = seed, rank, world
         self.concurrency, self.use_ray = concurrency, use_ray
         self.max_bad_shards = max_bad_shards
+        self.window = max(1, shuffle_window)
         self.position = DataPosition()
         self.bad: dict[int, str] = {}  # shard index -> why it was skipped
         self._index = {s.uri: i for i, s in enumerate(shards)}
@@ -156,19 +203,19 @@ class SequenceStream:
         return {**self.position.state_dict(), "bad": {str(k): v for k, v in self.bad.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.position = DataPosition()
         self.position.load_state_dict(state)
         self.bad = {int(k): v for k, v in state.get("bad", {}).items()}
 
-    def _epoch_plan(self) -> list[tuple[int, int]]:
-        """(shard_index, skip) for what remains of the current epoch, bad shards left out."""
-        order = shard_order(len(self.shards), self.seed, self.position.epoch, self.rank, self.world)
-        if self.position.last_id is None:
-            plan = [(i, 0) for i in order]
-        else:
-            last_shard, last_chunk = split_id(self.position.last_id)
-            start = order.index(last_shard)
-            plan = [(last_shard, last_chunk + 1)] + [(i, 0) for i in order[start + 1 :]]
-        return [(i, skip) for i, skip in plan if i not in self.bad]
+    def rank_plan(self, epoch: int) -> list[int]:
+        return shard_order(len(self.shards), self.seed, epoch, self.rank, self.world, self.weights)
+
+    def _epoch_plan(self) -> list[tuple[int, int, int]]:
+        """(slot, shard_index, skip) for what remains of the current epoch, bad shards left out."""
+        pos = self.position
+        order = self.rank_plan(pos.epoch)
+        plan = [(k, order[k], pos.chunk if k == pos.slot else 0) for k in range(pos.slot, len(order))]
+        return [p for p in plan if p[1] not in self.bad]
 
     def _skip_bad_shard(self, error: BaseException) -> None:
         """Record the bad shard inside ``error`` if the budget allows, else raise."""
@@ -184,10 +231,12 @@ class SequenceStream:
         print(f"[ptm] worker {self.rank}: skipping bad shard ({len(self.bad)}/{self.max_bad_shards}): "
               f"{message}", flush=True)
 
-    def _epoch_batches(self, plan: list[tuple[int, int]]) -> Iterator[dict]:
+    def _epoch_batches(self, plan: list[tuple[int, int, int]]) -> Iterator[dict]:
         if not self.use_ray:
-            for idx, skip in plan:
-                yield from pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip)
+            for slot, idx, skip in plan:
+                for out in pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip):
+                    out["slot"] = np.full(len(out["id"]), slot, dtype=np.int64)
+                    yield out
             return
         import ray.data
 
@@ -195,9 +244,9 @@ class SequenceStream:
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         items = [
-            {"uri": self.shards[i].uri, "format": self.shards[i].format,
-             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip}
-            for i, skip in plan
+            {"uri": self.shards[i].uri, "format": self.shards[i].format, "dtype": self.shards[i].dtype or "",
+             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip, "slot": slot}
+            for slot, i, skip in plan
         ]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _pack_rows,
@@ -208,20 +257,39 @@ class SequenceStream:
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
+    def _raw(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(slot, chunk, id, tokens) in plan order from the current window start."""
+        for batch in self._epoch_batches(self._epoch_plan()):
+            for slot, seq_id, tokens in zip(batch["slot"].tolist(), batch["id"].tolist(), batch["input_ids"]):
+                yield slot, split_id(seq_id)[1], seq_id, tokens
+
+    def _epoch(self) -> Iterator[tuple[int, np.ndarray]]:
+        pos = self.position
+        raw = self._raw()
+        while True:
+            window = list(itertools.islice(raw, self.window))
+            if not window:
+                return
+            order = range(len(window))
+            if self.window > 1:
+                rng = np.random.default_rng([self.seed, pos.epoch, self.rank, pos.slot, pos.chunk])
+                order = rng.permutation(len(window)).tolist()
+            for k in range(pos.taken, len(window)):
+                _, _, seq_id, tokens = window[order[k]]
+                pos.taken, pos.last_id = k + 1, seq_id
+                pos.consumed += 1
+                yield seq_id, tokens
+            slot, chunk = window[-1][0], window[-1][1]
+            pos.slot, pos.chunk, pos.taken = slot, chunk + 1, 0
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while True:
-            emitted = False
             try:
-                for batch in self._epoch_batches(self._epoch_plan()):
-                    for seq_id, tokens in zip(batch["id"].tolist(), batch["input_ids"]):
-                        emitted = True
-                        self.position.last_id = seq_id
-                        self.position.consumed += 1
-                        yield seq_id, tokens
+                yield from self._epoch()
             except Exception as e:  # noqa: BLE001 - Ray wraps task errors in its own types
                 self._skip_bad_shard(e)
-                continue  # the same epoch again from the position: nothing replayed or lost
-            if not emitted and self.position.last_id is None:
+                continue  # the same window again, without the bad shard: nothing replayed or lost
+            if self.position.consumed == 0:
                 raise DataError(
                     f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="
                     f"{self.seq_len} tokens in epoch {self.position.epoch}"

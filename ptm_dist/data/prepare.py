@@ -6,7 +6,7 @@ tokenizer are built once and cached under ``data.cache_dir``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ptm_dist.config import JobConfig, SourceSection, cache_dir
@@ -40,24 +40,61 @@ class PreparedData:
         }
 
 
+def _is_tokens(src: SourceSection) -> bool:
+    from ptm_dist.data.tokens import is_token_dir
+
+    return src.format == "tokens" or (src.format == "auto" and src.path != "builtin" and is_token_dir(src.path))
+
+
 def _shards(sources: list[SourceSection], cache: Path, split: str) -> list[Shard]:
+    from ptm_dist.data.tokens import token_shards
+
     out: list[Shard] = []
     for src in sources:
         if src.path == "builtin":
             root = ensure_builtin_corpus(cache)
-            out += find_shards(str(root / f"{split}-*.jsonl"), "jsonl", "text")
+            found = find_shards(str(root / f"{split}-*.jsonl"), "jsonl", "text")
+        elif _is_tokens(src):
+            found = token_shards(src.path, split if split == "val" else "train")
         else:
-            out += find_shards(src.path, src.format, src.text_column)
+            found = find_shards(src.path, src.format, src.text_column)
+        out += [replace(s, weight=src.weight) for s in found]
     return out
 
 
+def _token_set(cfg: JobConfig) -> str | None:
+    """The token-shard directory the job reads, if its sources are token shards (all or none)."""
+    from ptm_dist.data.tokens import check_compatible, load_index
+
+    kinds = [_is_tokens(s) for s in cfg.data.sources]
+    if not any(kinds):
+        return None
+    paths = {s.path for s in cfg.data.sources}
+    if not all(kinds) or len(paths) > 1:
+        raise DataError(
+            "data.sources: token shards (format tokens) cannot be mixed with raw text or with other "
+            "token sets; tokenize all sources together with `ptm prepare --tokens`"
+        )
+    path = paths.pop()
+    check_compatible(path, load_index(path), cfg.data.seq_len)
+    if cfg.data.tokenizer.path:
+        raise DataError(
+            f"data.tokenizer.path is set, but {path} holds token ids of its own tokenizer; "
+            "leave data.tokenizer.path empty"
+        )
+    return path
+
+
 def prepare_data(cfg: JobConfig) -> PreparedData:
+    from ptm_dist.data.tokens import load_index, tokenizer_dir
+
     cache = cache_dir(cfg)
+    token_set = _token_set(cfg)
     train = _shards(cfg.data.sources, cache, "train")
     if cfg.data.val_sources:
         val = _shards(cfg.data.val_sources, cache, "val")
-    elif all(s.path == "builtin" for s in cfg.data.sources):
-        val = _shards(cfg.data.sources, cache, "val")
+    elif all(s.path == "builtin" for s in cfg.data.sources) or (token_set and load_index(token_set)["val"]):
+        val = _shards(cfg.data.sources, cache, "val")  # the source's own held-out split
     else:
         # Hold out whole shards (never part of one): the last val_fraction of the sorted list.
         n_val = max(1, round(len(train) * cfg.data.val_fraction))
@@ -70,10 +107,28 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     overlap = {s.uri for s in train} & {s.uri for s in val}
     if overlap:
         raise DataError(f"shards are both in training and held-out data: {sorted(overlap)[:3]}")
-    if cfg.data.tokenizer.path:
+    if token_set:
+        tok_dir = tokenizer_dir(token_set)
+    elif cfg.data.tokenizer.path:
         tok_dir = Path(cfg.data.tokenizer.path).expanduser().resolve()
         if not (tok_dir / "tokenizer.json").is_file():
             raise DataError(f"data.tokenizer.path {tok_dir}: no tokenizer.json there")
     else:
         tok_dir = ensure_tokenizer(train, cfg.data.tokenizer.vocab_size, cache, cfg.data.max_bad_shards)
     return PreparedData(train, val, tok_dir)
+
+
+def write_tokens(cfg: JobConfig, data: PreparedData, out: str, progress=None) -> dict:
+    """Pre-tokenize and pack the job's train and held-out shards into token shards at ``out``."""
+    from tokenizers import Tokenizer
+
+    from ptm_dist.data.tokens import write_token_dataset
+
+    if any(s.format == "tokens" for s in data.train):
+        raise DataError("data.sources are token shards already; --tokens needs raw text sources")
+    tok = Tokenizer.from_str((data.tokenizer_dir / "tokenizer.json").read_text())
+    return write_token_dataset(
+        out, {"train": data.train, "val": data.val}, data.tokenizer_dir, cfg.data.seq_len,
+        special_ids(tok)["eos"], tok.get_vocab_size(), cfg.data.max_bad_shards,
+        concurrency=cfg.data.read_concurrency, progress=progress,
+    )

@@ -73,6 +73,8 @@ class Shard:
     uri: str
     format: str
     text_column: str
+    weight: float = 1.0  # reads per epoch on average (data.sources[].weight)
+    dtype: str | None = None  # token shards: integer type of the stored ids
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return resolve_fs(self.uri)

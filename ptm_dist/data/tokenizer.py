@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ptm_dist.data.sources import Shard, ShardError, read_documents
+from ptm_dist.data.sources import Shard, find_shard_error, read_documents
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -30,23 +30,45 @@ def tokenizer_key(shards: list[Shard], vocab_size: int) -> str:
     return f"bpe-{vocab_size}-{h.hexdigest()[:12]}"
 
 
+def _sample_shard(shard: Shard, budget: int) -> list[str]:
+    """Documents from the start of one shard, about ``budget`` characters."""
+    docs, taken = [], 0
+    for doc in read_documents(shard):
+        docs.append(doc)
+        taken += len(doc)
+        if taken >= budget:
+            break
+    return docs
+
+
 def _sample(shards: list[Shard], budget: int, max_bad_shards: int = 0) -> Iterator[str]:
-    """Documents from shards spread over the list, until ``budget`` bytes are taken. Bad shards
-    are skipped (and reported) within ``max_bad_shards``, as in training."""
-    taken, bad = 0, 0
-    step = max(1, len(shards) // 64)  # at most ~64 shards are opened for the sample
-    for shard in shards[::step]:
+    """Documents from up to ~64 shards spread over the list, ``budget`` characters in all, read
+    by Ray tasks in parallel when Ray is initialised (in this process otherwise). Bad shards are
+    skipped (and reported) within ``max_bad_shards``, as in training."""
+    step = max(1, len(shards) // 64)
+    picked = shards[::step]
+    per_shard = budget // len(picked) + 1
+    results: list = picked
+    import ray
+
+    if ray.is_initialized() and len(picked) > 1:
+        task = ray.remote(num_cpus=1, max_retries=0)(_sample_shard)
+        results = [task.remote(s, per_shard) for s in picked]
+    bad = 0
+    for shard, result in zip(picked, results):
         try:
-            for doc in read_documents(shard):
-                yield doc
-                taken += len(doc)
-                if taken >= budget:
-                    return
-        except ShardError as e:
+            docs = ray.get(result) if result is not shard else _sample_shard(shard, per_shard)
+        except Exception as e:  # Ray wraps the task's ShardError
+            error = find_shard_error(e)
+            if error is None:
+                raise
             bad += 1
             if bad > max_bad_shards:
-                raise
-            print(f"[ptm] tokenizer sample: skipping bad shard ({bad}/{max_bad_shards}): {e}", flush=True)
+                raise error from None
+            print(f"[ptm] tokenizer sample: skipping bad shard ({bad}/{max_bad_shards}): "
+                  f"{str(error).splitlines()[0]}", flush=True)
+            continue
+        yield from docs
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -1,0 +1,234 @@
+"""Token shards: a corpus tokenized and packed once by ``ptm prepare --tokens DIR``.
+
+Layout of DIR (a local directory or a URI)::
+
+    index.json          {"format": "ptm-tokens", "version": 1, "seq_len", "dtype", "eos_id",
+                         "vocab_size", "tokenizer_sha1", "train": [entry...], "val": [entry...]}
+                        entry: {"file": "train/000003.bin", "source": <raw shard URI>,
+                                "sequences": n, "tokens": n * seq_len}
+    tokenizer/          the tokenizer the ids belong to (loads with AutoTokenizer)
+    train/000003.bin    row-major [sequences, seq_len] array of dtype (uint16 or uint32), no header
+    train/000003.json   the entry, written once the .bin is complete (a re-run skips the shard)
+
+Shard k of the token set holds exactly the sequences ``pack_shard`` makes from raw shard k, in
+the same order, so a run over token shards sees the same ids and batches as one that tokenizes
+on the fly. Reading is by byte range: memory per read is ``out_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ptm_dist import storage
+from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, resolve_fs
+
+INDEX = "index.json"
+FORMAT = "ptm-tokens"
+
+
+def is_token_dir(path: str) -> bool:
+    try:
+        return storage.exists(storage.join(path, INDEX))
+    except Exception:  # noqa: BLE001 - an unreachable path is reported by find_shards
+        return False
+
+
+def load_index(path: str) -> dict:
+    where = storage.join(path, INDEX)
+    if not storage.exists(where):
+        raise DataError(f"{path}: not a token-shard directory (no {INDEX}; write one with `ptm prepare --tokens`)")
+    try:
+        index = json.loads(storage.read_text(where))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if index.get("format") != FORMAT:
+        raise DataError(f"{where}: field 'format' is {index.get('format')!r}, expected {FORMAT!r}")
+    for key in ("seq_len", "dtype", "train", "val"):
+        if key not in index:
+            raise DataError(f"{where}: missing field {key!r}")
+    return index
+
+
+def token_shards(path: str, split: str, weight: float = 1.0) -> list[Shard]:
+    index = load_index(path)
+    return [Shard(storage.join(path, e["file"]), "tokens", "", weight, index["dtype"]) for e in index[split]]
+
+
+def read_token_shard(
+    shard: Shard, shard_index: int, seq_len: int, skip: int = 0, out_rows: int = 256
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches {"id", "input_ids"} of a token shard from sequence ``skip`` on."""
+    from ptm_dist.data.pipeline import sequence_id
+
+    dtype = np.dtype(shard.dtype or "uint16")
+    row_bytes = seq_len * dtype.itemsize
+    fs, p = resolve_fs(shard.uri)
+    try:
+        with fs.open_input_file(p) as f:
+            size = f.size()
+            if size == 0 or size % row_bytes:
+                raise ShardError(
+                    f"{shard.uri}: {size} bytes is not a whole number of {seq_len}-token rows of "
+                    f"{dtype.name} (truncated, or written for another data.seq_len)", shard.uri
+                )
+            n = size // row_bytes
+            for start in range(skip, n, out_rows):
+                stop = min(n, start + out_rows)
+                buf = f.read_at((stop - start) * row_bytes, start * row_bytes)
+                rows = np.frombuffer(buf, dtype=dtype).reshape(stop - start, seq_len).astype(np.int32)
+                ids = np.array([sequence_id(shard_index, c) for c in range(start, stop)], dtype=np.int64)
+                yield {"id": ids, "input_ids": rows}
+    except DataError:
+        raise
+    except OSError as e:
+        raise ShardError(f"{shard.uri}: cannot read token shard: {e}", shard.uri) from None
+
+
+def _tokenize_shard(shard: Shard, shard_index: int, out_dir: str, file: str, tokenizer_json: str,
+                    seq_len: int, eos_id: int, dtype: str) -> dict:
+    """Pack one raw shard into ``out_dir/file``; returns its index entry (written beside it)."""
+    from ptm_dist.data.pipeline import pack_shard
+
+    target = storage.join(out_dir, file)
+    local_dir = Path(tempfile.mkdtemp(prefix="ptm-tokens-"))
+    local = local_dir / "shard.bin"
+    n = 0
+    try:
+        with open(local, "wb") as f:
+            for batch in pack_shard(shard, shard_index, tokenizer_json, seq_len, eos_id):
+                f.write(batch["input_ids"].astype(dtype).tobytes())
+                n += len(batch["id"])
+        entry = {"file": file, "source": shard.uri, "sequences": n, "tokens": n * seq_len}
+        if n == 0:
+            raise ShardError(f"{shard.uri}: no complete sequence of data.seq_len={seq_len} tokens", shard.uri)
+        _upload(local, target)
+        storage.write_text(target[: -len(".bin")] + ".json", json.dumps(entry))
+        return entry
+    finally:
+        local.unlink(missing_ok=True)
+        local_dir.rmdir()
+
+
+def _upload(local: Path, target: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, p = storage.resolve(target)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _done_entry(out_dir: str, file: str, source: str) -> dict | None:
+    meta = storage.join(out_dir, file[: -len(".bin")] + ".json")
+    if not storage.exists(meta):
+        return None
+    entry = json.loads(storage.read_text(meta))
+    return entry if entry.get("source") == source else None
+
+
+def write_token_dataset(
+    out_dir: str, splits: dict[str, list[Shard]], tokenizer_dir: Path, seq_len: int, eos_id: int,
+    vocab_size: int, max_bad_shards: int = 0, concurrency: int = 2,
+    progress: Callable[[int, int, int, float], None] | None = None,
+) -> dict:
+    """Tokenize and pack every shard of ``splits`` into ``out_dir``; returns the index.
+
+    Shards already written by an earlier, interrupted call (same source) are kept. With Ray
+    initialised the shards are packed by Ray tasks (``concurrency`` at a time per CPU slot).
+    ``progress(done_shards, total_shards, tokens, seconds)`` is called as shards finish.
+    """
+    tokenizer_json = (tokenizer_dir / "tokenizer.json").read_text()
+    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    jobs, entries, bad = [], {}, []
+    for split, shards in splits.items():
+        for k, shard in enumerate(shards):
+            file = f"{split}/{k:06d}.bin"
+            done = _done_entry(out_dir, file, shard.uri)
+            if done:
+                entries[(split, k)] = done
+            else:
+                jobs.append((split, k, shard, file))
+    total = sum(len(s) for s in splits.values())
+    t0 = time.perf_counter()
+    tokens = sum(e["tokens"] for e in entries.values())
+
+    def finished(key, entry):
+        nonlocal tokens
+        entries[key] = entry
+        tokens += entry["tokens"]
+        if progress:
+            progress(len(entries) + len(bad), total, tokens, time.perf_counter() - t0)
+
+    def failed(shard: Shard, error: BaseException):
+        shard_error = find_shard_error(error)
+        if shard_error is None:
+            raise error
+        bad.append(shard.uri)
+        message = str(shard_error).splitlines()[0]
+        if len(bad) > max_bad_shards:
+            raise DataError(f"{message} (bad shard {len(bad)}, over data.max_bad_shards={max_bad_shards})") from None
+        print(f"[ptm] skipping bad shard ({len(bad)}/{max_bad_shards}): {message}", flush=True)
+
+    args = (out_dir,)
+    import ray
+
+    if ray.is_initialized() and jobs:
+        task = ray.remote(num_cpus=1, max_retries=0)(_tokenize_shard)
+        pending: dict = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < concurrency:
+                split, k, shard, file = queue.pop(0)
+                ref = task.remote(shard, k, *args, file, tokenizer_json, seq_len, eos_id, dtype)
+                pending[ref] = (split, k, shard)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            split, k, shard = pending.pop(ready[0])
+            try:
+                finished((split, k), ray.get(ready[0]))
+            except Exception as e:  # noqa: BLE001 - Ray wraps the task's error
+                failed(shard, e)
+    else:
+        for split, k, shard, file in jobs:
+            try:
+                finished((split, k), _tokenize_shard(shard, k, *args, file, tokenizer_json, seq_len, eos_id, dtype))
+            except ShardError as e:
+                failed(shard, e)
+    tok_files = {p.name: p.read_text() for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    for name, text in tok_files.items():
+        storage.write_text(storage.join(out_dir, "tokenizer", name), text)
+    index = {
+        "format": FORMAT, "version": 1, "seq_len": seq_len, "dtype": dtype, "eos_id": eos_id,
+        "vocab_size": vocab_size, "tokenizer_sha1": hashlib.sha1(tokenizer_json.encode()).hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped_bad_shards": bad,
+    }
+    for split, shards in splits.items():
+        index[split] = [entries[(split, k)] for k in range(len(shards)) if (split, k) in entries]
+    storage.write_text(storage.join(out_dir, INDEX), json.dumps(index, indent=1))
+    return index
+
+
+def check_compatible(path: str, index: dict, seq_len: int) -> None:
+    if index["seq_len"] != seq_len:
+        raise DataError(
+            f"{path}: token shards hold {index['seq_len']}-token sequences but data.seq_len is {seq_len}; "
+            f"set data.seq_len={index['seq_len']} or re-run `ptm prepare --tokens` with this seq_len"
+        )
+
+
+def tokenizer_dir(path: str) -> Path:
+    """A local directory holding the token set's tokenizer (copied when the set is remote)."""
+    if not storage.is_uri(path):
+        return Path(path).expanduser().resolve() / "tokenizer"
+    local = Path(tempfile.mkdtemp(prefix="ptm-tokenizer-"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = storage.join(path, "tokenizer", name)
+        if storage.exists(src):
+            (local / name).write_text(storage.read_text(src))
+    return local
+
