@@ -23,6 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain a model. Resumes <run.storage>/<run.name> when it has a checkpoint.",
                        epilog=_EPILOG)
     _job_args(p)
+    p = sub.add_parser("finetune", help="fine-tune for sequence classification (Ray Train + DeepSpeed)",
+                       description="Fine-tune finetune.init (default: this job's pretraining run, trained "
+                       "first when missing) on finetune.data (default: the built-in task). Resumes "
+                       "<run.storage>/<finetune.name>; ends with run_dir: <path>.", epilog=_EPILOG)
+    _job_args(p)
+    p = sub.add_parser("tune", help="Ray Tune sweep over the fine-tuning hyperparameters (ASHA by default)",
+                       description="Sweep the job's tune.space with Ray Tune; re-running resumes an "
+                       "interrupted sweep. Ends with sweep_dir: <path>.", epilog=_EPILOG)
+    _job_args(p)
+    p = sub.add_parser("pipeline", help="pretrain, then the fine-tuning sweep on its result",
+                       description="ptm pretrain, then ptm tune starting from the run it produced. "
+                       "Ends with sweep_dir: <path>.", epilog=_EPILOG)
+    _job_args(p)
     p = sub.add_parser("prepare", help="build the corpus shard lists and train the tokenizer",
                        description="Find the job's shards, build the built-in corpus if used, train the tokenizer.")
     _job_args(p)
@@ -85,6 +98,27 @@ def cmd_pretrain(args) -> None:
     from ptm_dist.train.pretrain import pretrain
 
     pretrain(load(args.job, args.overrides))
+
+
+def cmd_finetune(args) -> None:
+    from ptm_dist.config import load
+    from ptm_dist.finetune.run import finetune
+
+    finetune(load(args.job, args.overrides))
+
+
+def cmd_tune(args) -> None:
+    from ptm_dist.config import load
+    from ptm_dist.finetune.sweep import tune
+
+    tune(load(args.job, args.overrides))
+
+
+def cmd_pipeline(args) -> None:
+    from ptm_dist.config import load
+    from ptm_dist.finetune.run import pipeline
+
+    pipeline(load(args.job, args.overrides))
 
 
 def cmd_prepare(args) -> None:
@@ -214,7 +248,8 @@ def _stop_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handler = {"pretrain": cmd_pretrain, "prepare": cmd_prepare, "export": cmd_export,
+    handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
+               "prepare": cmd_prepare, "export": cmd_export,
                "bench": cmd_bench, "plan": cmd_plan, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
         handler(args)

@@ -208,6 +208,120 @@ class TrackingSection(_Section):
     )
 
 
+class FinetuneSection(_Section):
+    """`ptm finetune`: sequence classification from a pretrained model (see README, Fine-tuning)."""
+
+    name: str = Field("finetune", description="Fine-tuning run name; its directory is <run.storage>/<name>.")
+    init: str | None = Field(
+        None,
+        description="Start model: a ptm run or checkpoint directory (exported to Hugging Face format "
+        "first), or a Hugging Face model directory (config.json). Empty: this job's pretraining run "
+        "<run.storage>/<run.name>, trained first when it has no complete checkpoint.",
+    )
+    data: str = Field(
+        "builtin",
+        description="Labeled examples: 'builtin' (docstrings of Python's standard library labeled "
+        "with their module family), or a jsonl, csv or parquet file or glob.",
+    )
+    val_data: str | None = Field(
+        None, description="Validation file or glob. Empty: val_fraction of data, split per label."
+    )
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out when val_data is empty.")
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        "auto", description="File format; auto picks it from the extension."
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the label (strings or integers).")
+    max_length: int = Field(128, ge=4, le=131072, description="Tokens per example; longer texts are cut.")
+    epochs: int = Field(4, ge=1, description="Passes over the training examples.")
+    batch_size: int = Field(16, ge=1, description="Examples per worker per optimizer step.")
+    lr: float = Field(2e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr (cosine).")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the steps spent in linear warmup.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0: off).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        return RunSection._name_is_a_path_component(v)
+
+
+class TuneSection(_Section):
+    """`ptm tune`: a Ray Tune sweep over the fine-tuning hyperparameters (README, Sweeps)."""
+
+    name: str = Field("tune", description="Sweep name; its directory is <run.storage>/<name>.")
+    space: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "finetune.lr": {"loguniform": [3e-4, 1e-2]},
+            "finetune.batch_size": {"choice": [16, 32]},
+            "finetune.weight_decay": {"uniform": [0.0, 0.1]},
+        },
+        description="Dotted job key -> distribution: {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+        "{choice: [values]}, {randint: [lo, hi)} or {grid: [values]} (see ptm_dist/finetune/space.py).",
+    )
+    scheduler: Literal["asha", "pbt", "fifo"] = Field(
+        "asha", description="asha: stop poor trials early; pbt: population based training; fifo: none."
+    )
+    search: Literal["random", "optuna"] = Field(
+        "random", description="random: sample (grid entries are crossed); optuna: TPE (needs optuna installed)."
+    )
+    num_samples: int = Field(8, ge=1, description="Trials (times the grid's size when the space has grid entries).")
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "eval_loss"] = Field(
+        "accuracy", description="Validation metric that ranks trials (and picks each run's best epoch)."
+    )
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or lower metric is better.")
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="asha: 1/reduction_factor of trials go on at each rung.")
+    perturbation_interval: int = Field(1, ge=1, description="pbt: epochs between exploit/explore steps.")
+    num_workers: int = Field(
+        1, ge=1,
+        description="Ray Train workers per trial (a DeepSpeed job each). 1: the trial trains in its own "
+        "process, without starting a separate Ray Train job.",
+    )
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per trial worker. Empty: scaling.resources_per_worker, else "
+        "1 GPU on GPU clusters, 1 CPU on CPU.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        return RunSection._name_is_a_path_component(v)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _parse_space(cls, v: Any) -> dict:
+        from ptm_dist.finetune.space import SpaceError, parse_space, sample_values
+
+        try:
+            parsed = parse_space(v)
+        except SpaceError as e:  # the path 'tune.space' is added by the error formatter
+            raise ValueError(str(e).removeprefix("tune.space").lstrip(".: ")) from None
+        sections = {"finetune": FinetuneSection, "run": RunSection}
+        for values in sample_values(parsed):
+            for key, value in values.items():
+                section, field = key.split(".", 1)
+                try:
+                    sections[section].model_validate({field: value})
+                except ValidationError as e:
+                    msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{key}: value {value!r} is not allowed: {msg}") from None
+        return parsed
+
+    @model_validator(mode="after")
+    def _scheduler_fits(self) -> TuneSection:
+        if self.scheduler == "pbt" and self.num_workers > 1:
+            raise ValueError("tune.scheduler pbt needs tune.num_workers 1 (PBT moves checkpoints between "
+                             "trials, which multi-worker trials do not hand to Tune)")
+        if self.search == "optuna" and any("grid" in s for s in self.space.values()):
+            raise ValueError("tune.search optuna cannot expand grid entries; use choice instead of grid")
+        if self.metric == "eval_loss" and self.mode == "max":
+            raise ValueError("tune.metric eval_loss needs tune.mode min")
+        return self
+
+
 class JobConfig(_Section):
     """A whole job: what `ptm pretrain JOB` runs."""
 
@@ -218,6 +332,8 @@ class JobConfig(_Section):
     zero: ZeroSection = Field(default_factory=ZeroSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

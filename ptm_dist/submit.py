@@ -21,7 +21,7 @@ from pathlib import Path
 from ptm_dist import storage
 from ptm_dist.config import ConfigError, load
 
-SUBMITTABLE = ("pretrain", "prepare", "bench")  # commands a cluster job may run
+SUBMITTABLE = ("pretrain", "prepare", "bench", "finetune", "tune", "pipeline")  # commands a cluster job may run
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

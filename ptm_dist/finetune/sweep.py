@@ -1,0 +1,264 @@
+"""`ptm tune`: a Ray Tune sweep over the fine-tuning hyperparameters.
+
+    sweep_dir = tune(load("jobs/tune.yaml"))
+
+Every trial is a fine-tuning run with the trial's values of ``tune.space`` applied to the job.
+With ``tune.num_workers: 1`` a trial trains in its Tune trial process (DeepSpeed over a world
+of one); with more it launches a Ray Train job of that many DeepSpeed workers from the trial
+(Ray Train V2 inside a Tune function trainable; TuneReportCallback forwards each epoch's
+metrics to the scheduler). Trials checkpoint every epoch; Tune's experiment state lives in
+``<sweep_dir>/tune``, so re-running the same command after an interruption resumes the sweep
+(unfinished trials continue from their last epoch checkpoint).
+
+The sweep directory holds sweep.json, trials.csv, best.json, best/ (the best trial's best
+epoch, a Hugging Face directory), base/ (the exported start model, when it is a ptm run) and
+trials/<trial_id>/ (metrics.jsonl, params.json, best/).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ptm_dist import storage
+from ptm_dist.config import ConfigError, JobConfig, apply_override
+from ptm_dist.finetune.run import (
+    LOG_PREFIX,
+    choose_dir,
+    prepare_task,
+    require_local_storage,
+    resolve_start,
+)
+from ptm_dist.finetune.space import to_tune
+
+
+def trial_job(base_job: dict, params: dict) -> JobConfig:
+    """The job of one trial: the sweep's job with the trial's values (dotted keys) applied."""
+    doc = json.loads(json.dumps(base_job))
+    for key, value in params.items():
+        apply_override(doc, f"{key}={json.dumps(value)}")
+    return JobConfig.model_validate(doc)
+
+
+def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: dict, info: dict) -> None:
+    """The Tune function trainable: one fine-tuning run with this trial's hyperparameters."""
+    import ray.tune
+
+    from ptm_dist.finetune.run import worker_config
+    from ptm_dist.finetune.worker import finetune_worker, run_in_trial
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = {k: config[k] for k in sorted(config)}
+    cfg = trial_job(job, params)
+    out = Path(sweep_dir) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(params, indent=1) + "\n")
+    wc = worker_config(cfg, str(out), base_dir, data, info, trial_id=trial_id)
+    if cfg.tune.num_workers == 1:
+        run_in_trial(wc)
+        return
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpu = info["use_gpu"]
+    trainer = TorchTrainer(
+        finetune_worker,
+        train_loop_config=wc,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.tune.num_workers, use_gpu=gpu, resources_per_worker=info["resources"],
+            placement_strategy=cfg.scaling.placement.upper(),
+        ),
+        # Same name and storage when Tune restarts the trial: Ray Train resumes from its last
+        # checkpoint (ray.train.get_checkpoint in the workers).
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(out), callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+
+
+def _scheduler(cfg: JobConfig, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.finetune.epochs, grace_period=min(t.grace_period,
+                             cfg.finetune.epochs), reduction_factor=t.reduction_factor)
+    if t.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.perturbation_interval,
+                                       hyperparam_mutations=to_tune(space, grid_ok=False))
+    return FIFOScheduler()
+
+
+def _search(cfg: JobConfig):
+    if cfg.tune.search == "random":
+        return None  # Tune's default: random sampling, grid entries crossed
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError("tune.search optuna needs the optuna package: pip install optuna "
+                          "(or use tune.search random)") from None
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=cfg.tune.max_concurrent)
+
+
+def sweep_description(cfg: JobConfig) -> dict:
+    t = cfg.tune
+    return {"metric": t.metric, "mode": t.mode, "scheduler": t.scheduler, "search": t.search,
+            "space": t.space, "num_samples": t.num_samples, "max_epochs": cfg.finetune.epochs,
+            "num_workers": t.num_workers}
+
+
+def _check_same_sweep(sweep_dir: str, desc: dict) -> None:
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in desc if k in old and old[k] != desc[k]]
+    if changed:
+        raise ConfigError(f"{sweep_dir} holds a sweep with a different {', '.join(changed)}; use another "
+                          "tune.name, or --set run.resume=false for a fresh directory")
+
+
+def tune(cfg: JobConfig) -> str:
+    """Run (or resume) the sweep; returns the sweep directory."""
+    import ray
+    from ray import tune as rt
+
+    from ptm_dist.train.pretrain import connect_ray, use_gpu
+
+    require_local_storage(cfg, "tune")
+    t0 = time.time()
+    sweep_dir = choose_dir(cfg, cfg.tune.name, "tune")
+    desc = sweep_description(cfg)
+    _check_same_sweep(sweep_dir, desc)
+    base_dir = resolve_start(cfg, sweep_dir)
+    data, info = prepare_task(cfg, base_dir)
+    search = _search(cfg)
+    # A local Ray sized for max_concurrent trials of num_workers workers each.
+    sizing = cfg.model_copy(deep=True)
+    sizing.scaling.num_workers = cfg.tune.num_workers * cfg.tune.max_concurrent
+    sizing.scaling.resources_per_worker = cfg.tune.resources_per_worker or cfg.scaling.resources_per_worker
+    owns_ray = connect_ray(sizing)
+    try:
+        gpu = use_gpu(cfg)
+        info["use_gpu"] = gpu
+        info["resources"] = sizing.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        storage.write_text(storage.join(sweep_dir, "job.yaml"), cfg.to_yaml())
+        storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(desc, indent=1) + "\n")
+        storage.write_text(storage.join(sweep_dir, "task.json"), json.dumps(info, indent=1) + "\n")
+        trainable = rt.with_parameters(run_trial, job=cfg.to_dict(), sweep_dir=sweep_dir, base_dir=base_dir,
+                                       data=data, info=info)
+        if cfg.tune.num_workers == 1:
+            trial_resources = info["resources"]
+        else:
+            trial_resources = {"CPU": 0}  # the trial only drives its Ray Train job's workers
+        trainable = rt.with_resources(trainable, {k.lower() if k in ("CPU", "GPU") else k: v
+                                                  for k, v in trial_resources.items()})
+        experiment = str(Path(sweep_dir) / "tune")
+        if rt.Tuner.can_restore(experiment):
+            print(f"{LOG_PREFIX} resuming the sweep in {experiment}", flush=True)
+            tuner = rt.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                     resume_errored=True)
+        else:
+            tuner = rt.Tuner(
+                trainable,
+                param_space=to_tune(cfg.tune.space, grid_ok=cfg.tune.search == "random"),
+                tune_config=rt.TuneConfig(
+                    metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg, cfg.tune.space),
+                    search_alg=search, num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=cfg.tune.max_concurrent, reuse_actors=False,
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
+                run_config=rt.RunConfig(
+                    name="tune", storage_path=sweep_dir, verbose=1,
+                    checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
+                    failure_config=rt.FailureConfig(max_failures=0),
+                ),
+            )
+        grid = tuner.fit()
+        errors = {Path(r.path).name: r.error for r in grid if r.error is not None}
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    summary = summarize(sweep_dir, cfg, errors)
+    print_summary(summary, info, cfg, time.time() - t0)
+    for trial_id, err in errors.items():
+        print(f"{LOG_PREFIX} trial {trial_id} failed: {str(err).strip().splitlines()[-1]}", flush=True)
+    if summary["best"] is None:
+        raise RuntimeError(f"no trial of the sweep in {sweep_dir} finished an epoch") from next(
+            iter(errors.values()), None)
+    print(f"sweep_dir: {sweep_dir}", flush=True)
+    return sweep_dir
+
+
+def summarize(sweep_dir: str, cfg: JobConfig, errors: dict) -> dict:
+    """Write trials.csv, best.json and best/ from the trials' own files; return the table."""
+    from ptm_dist.finetune.worker import better, read_epochs
+
+    metric, mode, max_epochs = cfg.tune.metric, cfg.tune.mode, cfg.finetune.epochs
+    keys = list(cfg.tune.space)
+    rows = []
+    trials_dir = Path(sweep_dir) / "trials"
+    for d in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.exists() else []:
+        params = json.loads((d / "params.json").read_text()) if (d / "params.json").exists() else {}
+        epochs = read_epochs(str(d))
+        value = None
+        for r in epochs:
+            if better(r[metric], value, mode):
+                value = r[metric]
+        n = len(epochs)
+        status = "error" if d.name in errors else ("done" if n >= max_epochs else "stopped early")
+        rows.append({"trial_id": d.name, "status": status, "epochs": n, metric: value,
+                     **{k: params.get(k) for k in keys}})
+    scored = [r for r in rows if r[metric] is not None]
+    best = None
+    for r in scored:
+        if best is None or better(r[metric], best[metric], mode):
+            best = r
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["trial_id", "status", "epochs", metric, *keys])
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(sweep_dir, "trials.csv"), buf.getvalue())
+    if best is not None:
+        storage.write_text(storage.join(sweep_dir, "best.json"), json.dumps(
+            {"trial_id": best["trial_id"], "metric": metric, "value": best[metric],
+             "config": {k: best[k] for k in keys}}, indent=1) + "\n")
+        src, dst = trials_dir / best["trial_id"] / "best", Path(sweep_dir) / "best"
+        tmp = Path(sweep_dir) / ".best-new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+    return {"rows": rows, "best": best, "total_epochs": sum(r["epochs"] for r in rows)}
+
+
+def print_summary(summary: dict, info: dict, cfg: JobConfig, seconds: float) -> None:
+    metric = cfg.tune.metric
+    keys = list(cfg.tune.space)
+    rows, best = summary["rows"], summary["best"]
+    print("\n== ptm tune summary ==")
+    header = f"{'trial_id':<13} {'status':<14} {'epochs':>6} {metric:>10}  " + "  ".join(keys)
+    print(header)
+    for r in rows:
+        value = f"{r[metric]:.4f}" if r[metric] is not None else "-"
+        params = "  ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+        print(f"{r['trial_id']:<13} {r['status']:<14} {r['epochs']:>6} {value:>10}  {params}")
+    print(f"trials: {len(rows)}; epochs run: {summary['total_epochs']} of {len(rows) * cfg.finetune.epochs} "
+          f"(trials x finetune.epochs) with scheduler {cfg.tune.scheduler}")
+    if best is not None:
+        print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; majority-class baseline "
+              f"accuracy {info['majority_baseline']:.4f}")
+    print(f"wall time: {seconds:.0f}s")

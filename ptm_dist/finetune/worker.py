@@ -1,0 +1,384 @@
+"""The fine-tuning loop on each worker: sequence classification with a DeepSpeed engine.
+
+    model = AutoModelForSequenceClassification(start model) -> engine (ptm_dist.engine: the same
+    ZeRO config, AdamW and warmup + cosine schedule as pretraining) -> restore the last epoch's
+    checkpoint -> per epoch: train on this rank's slice -> evaluate (loss, accuracy, macro
+    precision/recall/F1 over all ranks) -> metrics.jsonl -> best/ when the metric improved
+    -> checkpoint and report (every rank, every epoch)
+
+It runs as a Ray Train worker (``finetune_worker``, inside ``ptm finetune`` and multi-worker
+sweep trials) or as a world of one in a Ray Tune trial's own process (``run_in_trial``); the
+two differ only in how they report (``TrainReporter`` / ``TuneReporter``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ptm_dist.config import JobConfig
+from ptm_dist.engine import initialize, manual_clip
+from ptm_dist.train.loop import rng_state, set_rng_state
+
+CKPT_TAG = "ds"
+
+
+def load_tokenizer(model_dir: str):
+    """The start model's tokenizer, with a pad token (GPT-2 and Llama tokenizers may lack one:
+    '<pad>' when the vocabulary has it, else the EOS token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = "<pad>" if "<pad>" in tok.get_vocab() else tok.eos_token
+    if tok.pad_token is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no pad, '<pad>' or EOS token to pad with")
+    return tok
+
+
+def load_model(model_dir: str, labels: list[str], pad_id: int, seed: int):
+    """AutoModelForSequenceClassification from ``model_dir`` with a new, seeded head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, pad_token_id=pad_id, dtype=torch.float32,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = pad_id
+    return model
+
+
+def engine_job(cfg: JobConfig, total_steps: int) -> JobConfig:
+    """The job as ptm_dist.engine reads it: finetune.* mapped onto train.* for this run."""
+    ft = cfg.finetune
+    d = cfg.to_dict()
+    d["train"].update(
+        micro_batch=ft.batch_size, grad_accum=1, lr=ft.lr, min_lr=ft.lr * ft.min_lr_ratio,
+        warmup_steps=round(ft.warmup_ratio * total_steps), max_steps=total_steps,
+        weight_decay=ft.weight_decay, grad_clip=ft.grad_clip, activation_checkpointing=False, compile=False,
+    )
+    return JobConfig.model_validate(d)
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 (a class never predicted has precision 0)."""
+    precision, recall, f1 = [], [], []
+    for c in range(num_labels):
+        tp = float(np.sum((pred == c) & (gold == c)))
+        p = tp / max(1, int(np.sum(pred == c)))
+        r = tp / max(1, int(np.sum(gold == c)))
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {
+        "accuracy": float(np.mean(pred == gold)),
+        "precision_macro": float(np.mean(precision)),
+        "recall_macro": float(np.mean(recall)),
+        "f1_macro": float(np.mean(f1)),
+    }
+
+
+class EpochLog:
+    """metrics.jsonl of a fine-tuning run or trial: one line per epoch (rank 0 only).
+
+    ``write`` is the one place every per-epoch record goes through (console, file): hook
+    experiment trackers there.
+    """
+
+    def __init__(self, out_dir: str, resume_epoch: int, prefix: str = "[ptm]"):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        old = self.path.read_text().splitlines() if self.path.exists() else []
+        # Epochs past the restored checkpoint were lost with the interruption and run again.
+        keep = [ln for ln in old if ln.strip() and json.loads(ln).get("epoch", 0) <= resume_epoch]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.prefix = prefix
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{self.prefix} epoch {record['epoch']}: loss {record['loss']:.4f} eval_loss "
+              f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} f1_macro {record['f1_macro']:.4f}",
+              flush=True)
+
+
+def read_epochs(out_dir: str) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+class FinetuneRun:
+    """One worker's state: model, engine, data slices, epoch counters. Usable without Ray."""
+
+    def __init__(self, config: dict, rank: int, world: int, device: torch.device):
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.cfg = cfg = JobConfig.model_validate(config["job"])
+        ft = cfg.finetune
+        task = config["task"]
+        self.labels: list[str] = task["labels"]
+        self.pad_id: int = config["pad_id"]
+        self.train_ids, self.train_y = task["train_ids"], task["train_labels"]
+        self.val_ids, self.val_y = task["val_ids"], task["val_labels"]
+        self.batch = ft.batch_size
+        self.steps_per_epoch = len(self.train_ids) // (world * self.batch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.train_ids)} training examples are fewer than one step of "
+                             f"{world} workers x finetune.batch_size {self.batch}")
+        model = load_model(config["base_dir"], self.labels, self.pad_id, cfg.run.seed)
+        self.job = engine_job(cfg, self.steps_per_epoch * ft.epochs)
+        self.engine, self.precision = initialize(model, self.job, device)
+        self.clip = manual_clip(self.job, self.precision)
+        self.epoch, self.step = 0, 0
+        self.best: float | None = None
+        self.best_epoch = 0
+
+    # ------------------------------------------------------------------ state
+
+    def save_local(self, out: Path) -> None:
+        self.engine.save_checkpoint(str(out), tag=CKPT_TAG, save_latest=False)
+        torch.save({"epoch": self.epoch, "step": self.step, "best": self.best, "best_epoch": self.best_epoch,
+                    "rng": rng_state()}, out / f"rank_{self.rank}.pt")
+
+    def restore(self, ckpt_dir: str) -> None:
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
+        state = torch.load(Path(ckpt_dir) / f"rank_{self.rank}.pt", weights_only=False)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ epochs
+
+    def train_epoch(self) -> float:
+        """Train one epoch on this rank's slice of a seeded permutation; mean loss over ranks."""
+        order = np.random.default_rng(self.cfg.run.seed * 1009 + self.epoch).permutation(len(self.train_ids))
+        mine = order[self.rank :: self.world][: self.steps_per_epoch * self.batch]
+        self.engine.module.train()
+        total = torch.zeros((), device=self.device)
+        for s in range(self.steps_per_epoch):
+            idx = mine[s * self.batch : (s + 1) * self.batch]
+            ids, mask = pad_batch([self.train_ids[i] for i in idx], self.pad_id, self.device)
+            y = torch.as_tensor([self.train_y[i] for i in idx], device=self.device)
+            loss = self.engine(input_ids=ids, attention_mask=mask, labels=y).loss
+            self.engine.backward(loss)
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.clip)
+            self.engine.step()
+            total += loss.detach().float()
+            self.step += 1
+        return self.mean_over_ranks(total / self.steps_per_epoch)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics over the whole validation set. Every rank runs the same number of
+        forward passes (ZeRO-3 gathers parameters collectively), padding its slice if short."""
+        n = len(self.val_ids)
+        mine = list(range(self.rank, n, self.world))
+        per_rank = -(-n // self.world)
+        batches = -(-per_rank // self.batch)
+        self.engine.module.eval()
+        preds, golds, loss_sum = [], [], torch.zeros(2, device=self.device)
+        for b in range(batches):
+            idx = mine[b * self.batch : (b + 1) * self.batch]
+            rows = [self.val_ids[i] for i in idx] or [self.val_ids[0]]
+            ids, mask = pad_batch(rows, self.pad_id, self.device)
+            logits = self.engine(input_ids=ids, attention_mask=mask).logits.float()
+            if idx:
+                y = torch.as_tensor([self.val_y[i] for i in idx], device=self.device)
+                loss_sum[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                loss_sum[1] += len(idx)
+                preds += logits.argmax(-1).tolist()
+                golds += y.tolist()
+        self.engine.module.train()
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(loss_sum)
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, (preds, golds))
+            preds = [p for g in gathered for p in g[0]]
+            golds = [y for g in gathered for y in g[1]]
+        out = classification_metrics(np.array(preds), np.array(golds), len(self.labels))
+        out["eval_loss"] = float(loss_sum[0] / loss_sum[1])
+        return out
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        if dist.is_initialized() and self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def state_dict_fp32(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights on rank 0 (all ranks must call it: ZeRO-3 gathers them)."""
+        module = self.engine.module
+        if self.cfg.zero.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        else:
+            sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        return sd if self.rank == 0 else None
+
+    def export_best(self, out_dir: str) -> None:
+        """Write ``<out_dir>/best``: a Hugging Face directory plain transformers loads."""
+        sd = self.state_dict_fp32()
+        if self.rank != 0:
+            return
+        final = Path(out_dir) / "best"
+        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out_dir))
+        try:
+            module = self.engine.module
+            module.config.torch_dtype = torch.float32
+            module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            load_tokenizer(self.config["base_dir"]).save_pretrained(str(tmp))
+            (tmp / "ptm_best.json").write_text(json.dumps(
+                {"epoch": self.epoch, "metric": self.cfg.tune.metric, "value": self.best}) + "\n")
+            old = Path(out_dir) / ".best-old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+class TrainReporter:
+    """Inside a Ray Train worker: checkpoints and metrics through ray.train."""
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, ckpt_dir: str, epoch: int) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+
+class TuneReporter:
+    """A trial trained in the Tune trial's own process: checkpoints and metrics through ray.tune."""
+
+    def checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, ckpt_dir: str, epoch: int) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(ckpt_dir))
+
+
+def run_epochs(config: dict, rank: int, world: int, device: torch.device, reporter) -> None:
+    """Restore, then train and evaluate epoch by epoch until finetune.epochs."""
+    run = FinetuneRun(config, rank, world, device)
+    cfg = run.cfg
+    out_dir = config["out_dir"]
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    ckpt = reporter.checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            run.restore(d)
+        if rank == 0:
+            print(f"{config['log_prefix']} resumed after epoch {run.epoch}", flush=True)
+    log = EpochLog(out_dir, run.epoch, config["log_prefix"]) if rank == 0 else None
+    if rank == 0 and run.epoch == 0:
+        print(f"{config['log_prefix']} {len(run.train_ids)} training / {len(run.val_ids)} validation examples, "
+              f"{len(run.labels)} labels, {world} worker(s), ZeRO-{cfg.zero.stage}, {run.precision}, "
+              f"{run.steps_per_epoch} steps per epoch", flush=True)
+    while run.epoch < cfg.finetune.epochs:
+        t0 = time.perf_counter()
+        loss = run.train_epoch()
+        run.epoch += 1
+        record = {"epoch": run.epoch, "step": run.step, "loss": loss, **run.evaluate(),
+                  "lr": float(run.engine.get_lr()[0]), "epoch_s": time.perf_counter() - t0}
+        improved = better(record[metric], run.best, mode)
+        if improved:
+            run.best, run.best_epoch = record[metric], run.epoch
+            run.export_best(out_dir)
+        record["best"] = run.best
+        if log is not None:
+            log.write(record)
+        tmp = Path(tempfile.mkdtemp(prefix=f"ptm-ft-epoch{run.epoch}-rank{rank}-"))
+        try:
+            run.save_local(tmp)
+            reporter.report(record, str(tmp), run.epoch)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finetune_worker(config: dict) -> None:
+    """Ray Train entry point (one call per worker)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), device, TrainReporter())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_trial(config: dict) -> None:
+    """A one-worker trial in the Tune trial's own process: DeepSpeed over a world of one."""
+    import ray
+
+    gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+    if gpu:
+        torch.cuda.set_device(device)
+    random.seed(0)
+    run_epochs(config, 0, 1, device, TuneReporter())
