@@ -357,38 +357,81 @@ def format_report(r: dict) -> str:
 # ------------------------------------------------------------------ data
 
 
-def bench_data(cfg: JobConfig, max_shards: int | None = None) -> dict:
-    """Raw tokenizers batch encoding against this pipeline (read + tokenize + pack into a
-    consumer through Ray Data), on the same shards, machine and cores.
+class _PeakMemory:
+    """Peak resident memory of this process plus the Ray task workers (``ray::`` processes under
+    this node's raylet, when this process started Ray), sampled every ``interval`` seconds."""
 
-    The raw figure encodes documents already in memory with all cores (reading is not timed);
-    the pipeline figure counts the tokens of the packed sequences it delivers (each shard's last
-    partial sequence is dropped, so it slightly undercounts)."""
-    from tokenizers import Tokenizer
+    def __init__(self, interval: float = 0.05):
+        import threading
 
-    from ptm_dist.data.pipeline import SequenceStream
-    from ptm_dist.data.prepare import prepare_data
-    from ptm_dist.data.sources import read_documents
-    from ptm_dist.train.pretrain import connect_ray
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.raylet = _raylet_pid()
 
-    data = prepare_data(cfg)
-    wc = data.worker_config()
-    shards = data.train[:max_shards] if max_shards else data.train
-    docs = [d for s in shards for d in read_documents(s)]
-    tok = Tokenizer.from_str(wc["tokenizer_json"])
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
+    def total(self) -> int:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        if self.raylet is None:
+            return rss
+        try:
+            workers = psutil.Process(self.raylet).children(recursive=True)
+        except psutil.Error:
+            return rss
+        for proc in workers:
+            try:
+                if proc.name().startswith("ray::") and "Agent" not in proc.name():
+                    rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.total())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.total())
+
+
+def _raylet_pid() -> int | None:
+    """The raylet of the Ray instance this process started (None when it joined a cluster)."""
     try:
-        tok.encode_batch_fast(docs[:64])  # warm-up
-        t0 = time.perf_counter()
-        raw_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs))
-        raw_s = time.perf_counter() - t0
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM")
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-    connect_ray(cfg)
+        import ray
+
+        return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    except Exception:  # noqa: BLE001 - private API; memory is then this process only
+        return None
+
+
+def _scaled_copies(shards: list, scale: int, root: Path) -> list:
+    """``scale`` distinct copies of every shard (a corpus ``scale`` times larger)."""
+    import shutil as _shutil
+    from dataclasses import replace
+
+    out = []
+    for copy in range(scale):
+        for k, shard in enumerate(shards):
+            if "://" in shard.uri:
+                raise ValueError(f"--scale copies local shards only; {shard.uri} is remote")
+            target = root / f"copy{copy:03d}-{k:05d}-{Path(shard.uri).name}"
+            _shutil.copyfile(shard.uri, target)
+            out.append(replace(shard, uri=str(target)))
+    return out
+
+
+def _stream_epoch(shards: list, wc: dict, cfg: JobConfig) -> tuple[int, float]:
+    """(sequences, seconds) of one epoch of the Ray Data stream into this process."""
+    from ptm_dist.data.pipeline import SequenceStream
+
     stream = SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, wc["special"]["eos"],
                             cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True,
                             shuffle_window=cfg.data.shuffle_window)
@@ -398,16 +441,79 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None) -> dict:
         if stream.position.epoch > 0:
             break
         n += 1
-    pipe_s = time.perf_counter() - t0
+    return n, time.perf_counter() - t0
+
+
+def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, memory: bool = False) -> dict:
+    """Raw tokenizers batch encoding against this pipeline (read + tokenize + pack into a
+    consumer through Ray Data), on the same shards, machine and cores.
+
+    The raw figure encodes documents already in memory with all cores (reading is not timed).
+    The pipeline is timed over one epoch after a warm-up over two shards (Ray worker processes
+    started, modules imported: a one-time cost of a long run, reported apart as the cold
+    figure); it counts the tokens of the packed sequences it delivers (each shard's last
+    partial sequence is dropped, so it slightly undercounts). ``scale`` > 1 runs on that many
+    copies of the shards. ``memory`` also streams the unscaled corpus and reports the peak
+    resident memory (this process + Ray workers) of both, to show it does not grow with the
+    corpus."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.data.sources import read_documents
+    from ptm_dist.train.pretrain import connect_ray
+
+    data = prepare_data(cfg)
+    wc = data.worker_config()
+    base = data.train[:max_shards] if max_shards else data.train
+    tmp = Path(tempfile.mkdtemp(prefix="ptm-bench-data-"))
+    try:
+        shards = _scaled_copies(base, scale, tmp) if scale > 1 else base
+        docs = [d for s in shards for d in read_documents(s)]
+        tok = Tokenizer.from_str(wc["tokenizer_json"])
+        old = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
+        try:
+            tok.encode_batch_fast(docs[:64])  # warm-up
+            t0 = time.perf_counter()
+            raw_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs))
+            raw_s = time.perf_counter() - t0
+        finally:
+            if old is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = old
+        n_docs = len(docs)
+        del docs
+        connect_ray(cfg)
+        cold_n, cold_s = _stream_epoch(base[:2], wc, cfg)  # warm-up: starts and imports the workers
+        result: dict = {}
+        if memory:
+            with _PeakMemory() as mem_1x:
+                _stream_epoch(base, wc, cfg)
+            result["peak_mem_bytes_1x"] = mem_1x.peak
+        with _PeakMemory() as mem:
+            n, pipe_s = _stream_epoch(shards, wc, cfg)
+    finally:
+        import shutil as _shutil
+
+        _shutil.rmtree(tmp, ignore_errors=True)
     pipeline_tokens = n * cfg.data.seq_len
-    return {
-        "shards": len(shards), "documents": len(docs), "cpus": os.cpu_count(),
+    result.update({
+        "shards": len(shards), "scale": scale, "documents": n_docs, "cpus": os.cpu_count(),
         "read_concurrency": cfg.data.read_concurrency, "seq_len": cfg.data.seq_len,
         "raw_tokens": raw_tokens, "raw_seconds": raw_s, "raw_tokens_per_s": raw_tokens / raw_s,
         "pipeline_tokens": pipeline_tokens, "pipeline_seconds": pipe_s,
         "pipeline_tokens_per_s": pipeline_tokens / pipe_s,
+        "pipeline_cold_tokens_per_s": cold_n * cfg.data.seq_len / cold_s,
         "ratio": (pipeline_tokens / pipe_s) / (raw_tokens / raw_s),
-    }
+        "peak_mem_bytes": mem.peak,
+    })
+    if memory:
+        result["memory_growth"] = mem.peak / result["peak_mem_bytes_1x"] - 1
+        result["memory_scope"] = "driver + Ray task workers" if mem.raylet else "driver only (joined a cluster)"
+    return result
 
 
 if __name__ == "__main__":  # the baseline subprocess: python -m ptm_dist.bench SPEC OUT
