@@ -190,3 +190,43 @@ def test_token_sources_cannot_mix_with_raw_text(tmp_path, tok_dir, tok_json, cac
     with pytest.raises(DataError, match="cannot be mixed with raw text"):
         prepare_data(cfg)
     assert np.fromfile(Path(tmp_path / "t" / "train" / "000000.bin"), dtype=np.uint16).size % 32 == 0
+
+
+def test_stream_memory_does_not_grow_with_the_corpus(tmp_path, tok_json):
+    """Python-side peak allocations (tracemalloc: numpy buffers included) streaming one epoch of
+    a corpus and of one 10 times larger: bounded by the window and one shard's encode batch."""
+    import tracemalloc
+
+    eos = _eos(tok_json)
+    small = _shards(tmp_path, 3)
+    large = [replace_uri(s, tmp_path, c) for c in range(10) for s in small]
+
+    def peak(shards):
+        stream = SequenceStream(shards, tok_json, 16, eos, 0, 0, 1, use_ray=False, shuffle_window=64)
+        tracemalloc.start()
+        n = sum(1 for _ in _epoch_iter(stream))
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return n, top
+
+    n_small, p_small = peak(small)
+    n_large, p_large = peak(large)
+    print(f"stream peak allocations: {p_small / 1024:.0f} KiB for {n_small} sequences, "
+          f"{p_large / 1024:.0f} KiB for {n_large} ({p_large / p_small - 1:+.1%})")
+    assert n_large == 10 * n_small
+    assert p_large < 1.2 * p_small
+
+
+def replace_uri(shard, tmp_path, copy):
+    import shutil
+
+    target = tmp_path / f"copy{copy}-{Path(shard.uri).name}"
+    shutil.copyfile(shard.uri, target)
+    return Shard(str(target), shard.format, shard.text_column)
+
+
+def _epoch_iter(stream):
+    for _ in stream:
+        if stream.position.epoch > 0:
+            return
+        yield
