@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU in TFLOP/s (default 989, H100 SXM)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p = sub.add_parser("report", help="figures and report.md for a run or sweep directory",
+                       description="Write DIR/report/: PNG figures (loss, learning rate, tokens/s, MFU, "
+                       "data wait; for a sweep the metric per trial and each hyperparameter against it) "
+                       "and report.md embedding them with the job, final metrics and hardware.")
+    p.add_argument("dir", help="run directory (metrics.jsonl) or sweep directory (sweep.json)")
     p = sub.add_parser("submit", help="submit a job file to a Ray cluster (Ray Jobs API)",
                        description="Submit JOB to the Ray cluster at --address (or RAY_ADDRESS). The job file "
                        "is validated here, then sent with this ptm_dist package in the job's runtime env.")
@@ -181,6 +186,25 @@ def cmd_plan(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_report(args) -> None:
+    from ptm_dist import storage
+    from ptm_dist.report import report
+
+    out = report(args.dir)
+    for name in sorted(n for n in _list_names(out) if n.endswith(".png")):
+        print(f"figure: {storage.join(out, name)}")
+    print(f"report: {storage.join(out, 'report.md')}", flush=True)
+
+
+def _list_names(path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    from ptm_dist import storage
+
+    fs, p = storage.resolve(path)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(p))]
+
+
 def cmd_submit(args) -> None:
     from ptm_dist import submit as sm
 
@@ -225,12 +249,14 @@ def _user_error(e: BaseException) -> str | None:
     from ptm_dist.config import ConfigError
     from ptm_dist.data.sources import DataError, iter_causes
     from ptm_dist.export import ExportError
+    from ptm_dist.report import ReportError
     from ptm_dist.submit import SubmitError
 
     # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
     # is a traceback; the original error is further down the chain.
     for cause in iter_causes(e):
-        if isinstance(cause, (ConfigError, DataError, ExportError, SubmitError, FileNotFoundError)) and not (
+        if isinstance(cause, (ConfigError, DataError, ExportError, ReportError, SubmitError,
+                              FileNotFoundError)) and not (
             isinstance(cause, RayError)
         ):
             # Ray Data appends retry advice to errors raised in its tasks; ours are one line.
@@ -250,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
                "prepare": cmd_prepare, "export": cmd_export,
-               "bench": cmd_bench, "plan": cmd_plan, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
+               "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
         handler(args)
     except BrokenPipeError:  # output piped into head and the like

@@ -81,3 +81,79 @@ def debug_job(tmp_path, *overrides: str) -> JobConfig:
 def read_lines(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- tracking and reports (issue 5)
+
+# A recognisable fake wandb API key, planted in the environment of tracked runs: no file a run
+# writes may contain it.
+FAKE_WANDB_KEY = "ptmfakekey" + "5eCrEt" * 5 + "0123456789"
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory, cache_dir):
+    """`ptm pretrain` (debug model, wandb offline, FAKE_WANDB_KEY in its environment) run twice
+    on one run directory: 12 steps with the live progress bar forced on, then resumed to 18
+    steps with plain progress lines. Each call starts its own local Ray, like a user's."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    storage = tmp_path_factory.mktemp("tracked")
+    sets = [*DEBUG_OVERRIDES, "train.log_every=2", f"run.storage={storage}", "run.name=tracked",
+            "tracking.wandb=offline", "tracking.tags=[ci, debug]"]
+    env = dict(os.environ, WANDB_API_KEY=FAKE_WANDB_KEY, PTM_PROGRESS="bar")
+    for key in ("RAY_ADDRESS", "WANDB_MODE", "WANDB_DIR"):
+        env.pop(key, None)
+
+    def pretrain(*extra: str) -> SimpleNamespace:
+        args = [a for s in [*sets, *extra] for a in ("--set", s)]
+        proc = subprocess.run([sys.executable, "-m", "ptm_dist.cli", "pretrain", *args], env=env,
+                              capture_output=True, timeout=900, check=False)
+        # Decoded by hand: text mode would turn the progress bar's carriage returns into newlines.
+        out = SimpleNamespace(stdout=proc.stdout.decode(errors="replace"), stderr=proc.stderr.decode(errors="replace"))
+        assert proc.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    run_dir = storage / "tracked"
+    first = pretrain()
+    first_id = (run_dir / "wandb_run_id").read_text().strip()
+    env["PTM_PROGRESS"] = "plain"
+    second = pretrain("train.max_steps=18")
+    return SimpleNamespace(run_dir=run_dir, first=first, second=second, first_id=first_id)
+
+
+def make_sweep_dir(root) -> dict:
+    """A sweep directory in the layout `ptm tune` writes (see the notes on the fine-tuning
+    contract): 4 trials over finetune.lr and finetune.batch_size, one stopped early by ASHA.
+    Returns {trial_id: params}."""
+    import csv
+    from pathlib import Path
+
+    root = Path(root)
+    trials = {
+        "t0": ({"finetune.lr": 1e-4, "finetune.batch_size": 16}, [0.52, 0.61, 0.66]),
+        "t1": ({"finetune.lr": 3e-4, "finetune.batch_size": 32}, [0.58, 0.70, 0.74]),
+        "t2": ({"finetune.lr": 1e-3, "finetune.batch_size": 16}, [0.63, 0.77, 0.81]),
+        "t3": ({"finetune.lr": 3e-2, "finetune.batch_size": 32}, [0.31]),
+    }
+    (root / "trials").mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "metric": "accuracy", "mode": "max", "scheduler": "asha", "search": "random",
+        "space": {"finetune.lr": {"loguniform": [1e-4, 3e-2]}, "finetune.batch_size": {"choice": [16, 32]}},
+        "num_samples": len(trials)}))
+    with open(root / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "status", "epochs", "accuracy", "finetune.lr", "finetune.batch_size"])
+        for tid, (params, acc) in trials.items():
+            w.writerow([tid, "TERMINATED", len(acc), acc[-1], params["finetune.lr"], params["finetune.batch_size"]])
+            d = root / "trials" / tid
+            d.mkdir()
+            (d / "params.json").write_text(json.dumps(params))
+            lines = [{"epoch": e, "step": 10 * e, "loss": 1.5 - a, "eval_loss": 1.6 - a, "accuracy": a,
+                      "precision_macro": a - 0.02, "recall_macro": a - 0.01, "f1_macro": a - 0.015,
+                      "lr": params["finetune.lr"] / e} for e, a in enumerate(acc, start=1)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    (root / "best.json").write_text(json.dumps({"trial_id": "t2", "metric": "accuracy", "value": 0.81,
+                                                "config": trials["t2"][0]}))
+    return {tid: params for tid, (params, _) in trials.items()}

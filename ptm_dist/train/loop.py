@@ -25,8 +25,8 @@ from ptm_dist import models, storage
 from ptm_dist.config import JobConfig
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.data.sources import Shard
-from ptm_dist.engine import initialize, manual_clip
-from ptm_dist.tracking import MetricsLog, gpu_peak_flops
+from ptm_dist.engine import ds_config, initialize, manual_clip
+from ptm_dist.tracking import MetricsLog, Tracker, gpu_peak_flops
 from ptm_dist.train.step import Objective, PhaseTimer, eval_loss_sums, train_step
 
 
@@ -92,6 +92,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nodes: list[str] = []  # Ray node id of each rank (recorded in checkpoints)
+        self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
 
     # ------------------------------------------------------------------ state
 
@@ -237,12 +238,24 @@ def train_loop(config: dict) -> None:
             f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
         )
+        # One wandb run per job, from rank 0 only; its id is kept in the run dir for resumes.
+        tr.tracker = Tracker.start(cfg, tr.run_dir, job_type="pretrain", config={
+            "job": cfg.to_dict(), "deepspeed": ds_config(cfg, tr.precision, device.type == "cuda"),
+            "world_size": world, "n_params": tr.n_params, "tokens_per_step": tr.tokens_per_step,
+        })
+        print(f"[ptm] {tr.tracker.describe()}", flush=True)
+    # With a progress board the driver draws a live bar from rank 0's records instead of the
+    # plain step lines below (Ray forwards worker output line by line, which breaks bars).
+    board = config.get("progress_board") if rank == 0 else None
     peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     tokens_per_step = tr.tokens_per_step
 
     def write(record: dict) -> None:
         if log is not None:
             log.write(record)
+            tr.tracker.log(record, step=record["step"])
+            if board is not None:
+                board.push.remote(record)
 
     if tr.step == 0:
         write({"step": 0, "eval_loss": tr.evaluate(), "tokens": 0})
@@ -278,7 +291,7 @@ def train_loop(config: dict) -> None:
             if peak:
                 record["mfu"] = tr.flops_per_token * tps / (peak * world)
             write(record)
-            if rank == 0:
+            if rank == 0 and board is None:
                 done = tr.step - start_step
                 eta = (cfg.train.max_steps - tr.step) * (time.perf_counter() - run_start) / max(done, 1)
                 print(
@@ -291,13 +304,20 @@ def train_loop(config: dict) -> None:
         if tr.step % cfg.train.eval_every == 0 or last:
             eval_loss = tr.evaluate()
             write({"step": tr.step, "eval_loss": eval_loss, "tokens": tr.tokens_seen})
-            if rank == 0:
+            if rank == 0 and board is None:
                 print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
         if tr.step % cfg.train.ckpt_every == 0 or last:
             save_checkpoint(tr, log)
         paused += time.perf_counter() - t_pause
     if log is not None:
         log.close()
+        tr.tracker.summary({"n_params": tr.n_params, "world_size": world, "precision": tr.precision,
+                            "device": device_name(device), "tokens_seen": tr.tokens_seen})
+        tr.tracker.finish()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def save_checkpoint(tr: Trainer, log: MetricsLog | None) -> None:
@@ -319,10 +339,11 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None) -> None:
             ckpt_lib.mark_complete(target, {
                 "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
                 "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
-                "nodes": tr.nodes,
+                "nodes": tr.nodes, "device": device_name(tr.device),
             })
             ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
             if log is not None:
                 log.sync()
+            tr.tracker.sync()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

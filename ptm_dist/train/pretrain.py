@@ -9,13 +9,14 @@ directory ``<name>-2``, ``<name>-3``... is used, so two runs never mix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import yaml
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import storage
+from ptm_dist import progress, storage, tracking
 from ptm_dist.config import ConfigError, JobConfig
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.tracking import read_metrics
@@ -144,10 +145,21 @@ def pretrain(cfg: JobConfig) -> str:
     gpu = use_gpu(cfg)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
     forget_ray_checkpoint_index(run_dir)
+    resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
+    if tracking.resolve_mode(cfg.tracking.wandb) != "disabled":
+        # Stored before training so that a resumed job (even after a killed driver) continues
+        # the same wandb run; a job that starts from step 0 is a new run.
+        tracking.run_id(run_dir, fresh=resume_from is None)
+    follower = contextlib.nullcontext()
+    loop_config = {"job": cfg.to_dict(), "run_dir": run_dir, **data.worker_config()}
+    if progress.use_bar():
+        loop_config["progress_board"] = board = progress.start_board()
+        start = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
+        follower = progress.BoardFollower(board, cfg.train.max_steps, start)
     resources = cfg.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": cfg.to_dict(), "run_dir": run_dir, **data.worker_config()},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources,
@@ -160,7 +172,8 @@ def pretrain(cfg: JobConfig) -> str:
         ),
     )
     try:
-        trainer.fit()
+        with follower:
+            trainer.fit()
     finally:
         if owns_ray:
             ray.shutdown()  # also flushes forwarded worker logs, so the summary comes last
