@@ -16,7 +16,6 @@ padding; a shard's last partial sequence is dropped.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -25,6 +24,7 @@ import numpy as np
 from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, read_documents
 
 ID_SHIFT = 32
+PLAN_HORIZON = 256  # shard reads planned per Ray Data dataset (epochs chain inside one)
 _DOCS_PER_ENCODE = 256
 
 
@@ -164,6 +164,7 @@ def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> I
             shard, int(batch["shard_index"][i]), tokenizer_json, seq_len, eos_id, int(batch["skip"][i])
         ):
             out["slot"] = np.full(len(out["id"]), int(batch["slot"][i]), dtype=np.int64)
+            out["epoch"] = np.full(len(out["id"]), int(batch["epoch"][i]), dtype=np.int64)
             yield out
 
 
@@ -210,12 +211,21 @@ class SequenceStream:
     def rank_plan(self, epoch: int) -> list[int]:
         return shard_order(len(self.shards), self.seed, epoch, self.rank, self.world, self.weights)
 
-    def _epoch_plan(self) -> list[tuple[int, int, int]]:
-        """(slot, shard_index, skip) for what remains of the current epoch, bad shards left out."""
+    def _plan(self) -> tuple[list[tuple[int, int, int, int]], int]:
+        """(epoch, slot, shard_index, skip) from the current window start: the rest of this
+        epoch, then whole epochs until the plan has PLAN_HORIZON entries, so one Ray Data
+        dataset runs across epoch boundaries without a restart. Bad shards are left out.
+        Returns the plan and the first epoch it does not cover."""
         pos = self.position
-        order = self.rank_plan(pos.epoch)
-        plan = [(k, order[k], pos.chunk if k == pos.slot else 0) for k in range(pos.slot, len(order))]
-        return [p for p in plan if p[1] not in self.bad]
+        plan: list[tuple[int, int, int, int]] = []
+        epoch = pos.epoch
+        while epoch == pos.epoch or (len(plan) < PLAN_HORIZON and epoch < pos.epoch + PLAN_HORIZON):
+            order = self.rank_plan(epoch)
+            first = pos.slot if epoch == pos.epoch else 0
+            plan += [(epoch, k, order[k], pos.chunk if (epoch == pos.epoch and k == pos.slot) else 0)
+                     for k in range(first, len(order)) if order[k] not in self.bad]
+            epoch += 1
+        return plan, epoch
 
     def _skip_bad_shard(self, error: BaseException) -> None:
         """Record the bad shard inside ``error`` if the budget allows, else raise."""
@@ -231,11 +241,12 @@ class SequenceStream:
         print(f"[ptm] worker {self.rank}: skipping bad shard ({len(self.bad)}/{self.max_bad_shards}): "
               f"{message}", flush=True)
 
-    def _epoch_batches(self, plan: list[tuple[int, int, int]]) -> Iterator[dict]:
+    def _batches(self, plan: list[tuple[int, int, int, int]]) -> Iterator[dict]:
         if not self.use_ray:
-            for slot, idx, skip in plan:
+            for epoch, slot, idx, skip in plan:
                 for out in pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip):
                     out["slot"] = np.full(len(out["id"]), slot, dtype=np.int64)
+                    out["epoch"] = np.full(len(out["id"]), epoch, dtype=np.int64)
                     yield out
             return
         import ray.data
@@ -245,8 +256,9 @@ class SequenceStream:
         ctx.enable_progress_bars = False
         items = [
             {"uri": self.shards[i].uri, "format": self.shards[i].format, "dtype": self.shards[i].dtype or "",
-             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip, "slot": slot}
-            for slot, i, skip in plan
+             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip, "slot": slot,
+             "epoch": epoch}
+            for epoch, slot, i, skip in plan
         ]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _pack_rows,
@@ -257,44 +269,58 @@ class SequenceStream:
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
-    def _raw(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
-        """(slot, chunk, id, tokens) in plan order from the current window start."""
-        for batch in self._epoch_batches(self._epoch_plan()):
-            for slot, seq_id, tokens in zip(batch["slot"].tolist(), batch["id"].tolist(), batch["input_ids"]):
-                yield slot, split_id(seq_id)[1], seq_id, tokens
+    def _raw(self, plan) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """(epoch, slot, chunk, id, tokens) in plan order."""
+        for b in self._batches(plan):
+            for epoch, slot, seq_id, tokens in zip(
+                b["epoch"].tolist(), b["slot"].tolist(), b["id"].tolist(), b["input_ids"]
+            ):
+                yield epoch, slot, split_id(seq_id)[1], seq_id, tokens
 
-    def _epoch(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _next_epoch(self, epoch: int) -> None:
         pos = self.position
-        raw = self._raw()
-        while True:
-            window = list(itertools.islice(raw, self.window))
-            if not window:
-                return
+        if pos.consumed == 0 or epoch > pos.epoch + 1:
+            raise DataError(
+                f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="
+                f"{self.seq_len} tokens in epoch {pos.epoch if pos.consumed == 0 else pos.epoch + 1}"
+            )
+        self.position = DataPosition(epoch=epoch)
+
+    def _run(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The stream from the current position to the end of one plan.
+
+        Every read from the data happens while a window is filled, before any of it is handed
+        out, so an error (a bad shard) never leaves a window half consumed."""
+        plan, end_epoch = self._plan()
+        raw = self._raw(plan)
+        nxt = next(raw, None)
+        while nxt is not None:
+            if nxt[0] != self.position.epoch:
+                self._next_epoch(nxt[0])
+            pos = self.position
+            window = []
+            while nxt is not None and nxt[0] == pos.epoch and len(window) < self.window:
+                window.append(nxt)
+                nxt = next(raw, None)
             order = range(len(window))
             if self.window > 1:
                 rng = np.random.default_rng([self.seed, pos.epoch, self.rank, pos.slot, pos.chunk])
                 order = rng.permutation(len(window)).tolist()
             for k in range(pos.taken, len(window)):
-                _, _, seq_id, tokens = window[order[k]]
+                seq_id, tokens = window[order[k]][3:]
                 pos.taken, pos.last_id = k + 1, seq_id
                 pos.consumed += 1
                 yield seq_id, tokens
-            slot, chunk = window[-1][0], window[-1][1]
-            pos.slot, pos.chunk, pos.taken = slot, chunk + 1, 0
+            pos.slot, pos.chunk, pos.taken = window[-1][1], window[-1][2] + 1, 0
+        self._next_epoch(end_epoch)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while True:
             try:
-                yield from self._epoch()
+                yield from self._run()
             except Exception as e:  # noqa: BLE001 - Ray wraps task errors in its own types
-                self._skip_bad_shard(e)
-                continue  # the same window again, without the bad shard: nothing replayed or lost
-            if self.position.consumed == 0:
-                raise DataError(
-                    f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="
-                    f"{self.seq_len} tokens in epoch {self.position.epoch}"
-                )
-            self.position = DataPosition(epoch=self.position.epoch + 1)
+                self._skip_bad_shard(e)  # re-raises anything but a bad shard within the budget
+                # then the same window again, without the bad shard: nothing replayed or lost
 
 
 def take_sequences(
