@@ -111,7 +111,8 @@ def test_token_shards_give_the_same_stream(tmp_path, tok_dir, tok_json, ray_sess
     seen = []
     index = write_token_dataset(str(tmp_path / "tokens"), {"train": shards[:5], "val": shards[5:]}, tok_dir,
                                 16, eos, 300, progress=lambda *a: seen.append(a))
-    assert index["dtype"] == "uint16" and len(index["train"]) == 5 and seen[-1][0] == 6
+    assert index["dtype"] == "uint16" and len(index["train"]) == 5
+    assert seen[-1][:3] == (6, 6, 240) and seen[-1][3] == sum(e["tokens"] for e in index["train"] + index["val"])
     tokens = token_shards(str(tmp_path / "tokens"), "train")
     for rank in (0, 1):
         raw = SequenceStream(shards[:5], tok_json, 16, eos, 4, rank, 2, use_ray=False, shuffle_window=5)

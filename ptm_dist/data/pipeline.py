@@ -45,12 +45,13 @@ def _tokenizer(tokenizer_json: str):
 
 def pack_shard(
     shard: Shard, shard_index: int, tokenizer_json: str, seq_len: int, eos_id: int, skip: int = 0,
-    out_rows: int = 256,
+    out_rows: int = 256, stats: dict | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches {"id": int64[n], "input_ids": int32[n, seq_len]} of one shard's packed sequences.
 
     The first ``skip`` sequences are not emitted (used on resume). Memory is bounded by one
-    encode batch plus ``out_rows`` sequences, whatever the shard size.
+    encode batch plus ``out_rows`` sequences, whatever the shard size. ``stats["documents"]``
+    counts the documents read, when a dict is given.
     """
     if shard.format == "tokens":
         from ptm_dist.data.tokens import read_token_shard
@@ -79,6 +80,8 @@ def pack_shard(
         try:
             docs.append(next(doc_iter))
             n_docs += 1
+            if stats is not None:
+                stats["documents"] = n_docs
         except StopIteration:
             done = True
             if n_docs == 0:

@@ -100,12 +100,14 @@ def _tokenize_shard(shard: Shard, shard_index: int, out_dir: str, file: str, tok
     local_dir = Path(tempfile.mkdtemp(prefix="ptm-tokens-"))
     local = local_dir / "shard.bin"
     n = 0
+    stats: dict = {}
     try:
         with open(local, "wb") as f:
-            for batch in pack_shard(shard, shard_index, tokenizer_json, seq_len, eos_id):
+            for batch in pack_shard(shard, shard_index, tokenizer_json, seq_len, eos_id, stats=stats):
                 f.write(batch["input_ids"].astype(dtype).tobytes())
                 n += len(batch["id"])
-        entry = {"file": file, "source": shard.uri, "sequences": n, "tokens": n * seq_len}
+        entry = {"file": file, "source": shard.uri, "documents": stats.get("documents", 0), "sequences": n,
+                 "tokens": n * seq_len}
         if n == 0:
             raise ShardError(f"{shard.uri}: no complete sequence of data.seq_len={seq_len} tokens", shard.uri)
         _upload(local, target)
@@ -141,7 +143,7 @@ def write_token_dataset(
 
     Shards already written by an earlier, interrupted call (same source) are kept. With Ray
     initialised the shards are packed by Ray tasks (``concurrency`` at a time per CPU slot).
-    ``progress(done_shards, total_shards, tokens, seconds)`` is called as shards finish.
+    ``progress(done_shards, total_shards, documents, tokens, seconds)`` is called as shards finish.
     """
     tokenizer_json = (tokenizer_dir / "tokenizer.json").read_text()
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
@@ -156,14 +158,15 @@ def write_token_dataset(
                 jobs.append((split, k, shard, file))
     total = sum(len(s) for s in splits.values())
     t0 = time.perf_counter()
-    tokens = sum(e["tokens"] for e in entries.values())
+    tokens = documents = 0  # this call's work, for its rate
 
     def finished(key, entry):
-        nonlocal tokens
+        nonlocal tokens, documents
         entries[key] = entry
         tokens += entry["tokens"]
+        documents += entry.get("documents", 0)
         if progress:
-            progress(len(entries) + len(bad), total, tokens, time.perf_counter() - t0)
+            progress(len(entries) + len(bad), total, documents, tokens, time.perf_counter() - t0)
 
     def failed(shard: Shard, error: BaseException):
         shard_error = find_shard_error(error)
