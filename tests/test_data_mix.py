@@ -231,3 +231,31 @@ def _epoch_iter(stream):
         if stream.position.epoch > 0:
             return
         yield
+
+
+def test_prepare_tokens_cli_progress_and_bad_shard(tmp_path, cache_dir):
+    """`ptm prepare --tokens` end to end in a subprocess: its own local Ray, the progress lines,
+    the summary; then a corrupt shard: one line naming shard and line, exit 2, the shards
+    already written kept."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shards = _shards(corpus)
+    cmd = [sys.executable, "-m", "ptm_dist.cli", "prepare", "--tokens", str(tmp_path / "tok"),
+           f"--set=data.sources=[{{path: {corpus}}}]", "--set=data.seq_len=16", "--set=data.val_fraction=0.2"]
+    env = {**os.environ, "PTM_PROGRESS": "plain"}
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "tokenize 6/6" in ok.stdout and "docs 240" in ok.stdout, ok.stdout
+    assert "token shards: 5 train" in ok.stdout and "1 held-out" in ok.stdout
+    lines = Path(shards[3].uri).read_text().splitlines()
+    Path(shards[3].uri).write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")
+    (tmp_path / "tok" / "train" / "000003.json").unlink()  # that shard must be redone
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2
+    err = [ln for ln in bad.stderr.splitlines() if "ptm prepare" in ln or "Traceback" in ln]
+    assert len(err) == 1 and err[0].startswith("ptm prepare: error: ") and "s3.jsonl: line 6" in err[0], bad.stderr
+    assert (tmp_path / "tok" / "train" / "000000.json").exists()
