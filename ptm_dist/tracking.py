@@ -170,14 +170,21 @@ class Tracker:
         root.mkdir(parents=True, exist_ok=True)
         key = os.environ.get("WANDB_API_KEY", "").strip()
         secrets_ = (key,) if len(key) >= 8 else ()
-        run = wandb.init(
-            mode=mode, dir=str(root), id=rid, resume="allow", project=cfg.tracking.project,
-            entity=cfg.tracking.entity, group=group or cfg.tracking.group, tags=list(cfg.tracking.tags),
-            name=name or cfg.run.name, job_type=job_type, config=_scrub(config, secrets_),
-            reinit="finish_previous",
-            settings=wandb.Settings(silent=True, console="off", save_code=False,
-                                    x_save_requirements=False),
-        )
+        kwargs = {
+            "dir": str(root), "id": rid, "resume": "allow", "project": cfg.tracking.project,
+            "entity": cfg.tracking.entity, "group": group or cfg.tracking.group, "tags": list(cfg.tracking.tags),
+            "name": name or cfg.run.name, "job_type": job_type, "config": _scrub(config, secrets_),
+            "reinit": "finish_previous",
+            "settings": wandb.Settings(silent=True, console="off", save_code=False, x_save_requirements=False),
+        }
+        try:
+            run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # an unreachable server must not stop training
+            if mode != "online":
+                raise
+            print(f"[ptm] wandb: online logging failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                  "logging offline instead (upload later with wandb sync)", flush=True)
+            run = wandb.init(mode="offline", **kwargs)
         return cls(run, run_dir, local_root)
 
     def log(self, record: dict, step: int | None = None) -> None:
@@ -223,6 +230,17 @@ class Tracker:
             return (f"wandb: offline run {self.run.id} in {self.run_dir}/wandb/ "
                     f"(upload: wandb sync {self.run_dir}/wandb/offline-run-*-{self.run.id})")
         return f"wandb: {self.run.url}"
+
+
+def summary_line(run_dir: str) -> str | None:
+    """'wandb: ...' for a job's summary: the run id and, for offline runs, how to upload them."""
+    path = storage.join(run_dir, RUN_ID_FILE)
+    if not storage.exists(path):
+        return None
+    rid = storage.read_text(path).strip()
+    if not storage.is_uri(run_dir) and any(Path(run_dir, "wandb").glob(f"offline-run-*-{rid}")):
+        return f"wandb: offline run {rid}; upload: wandb sync {run_dir}/wandb/offline-run-*-{rid}"
+    return f"wandb: run {rid}"
 
 
 def log_sweep(cfg, sweep_dir: str, group: str | None = None) -> Tracker:

@@ -65,3 +65,11 @@ def test_report_on_a_directory_that_is_neither_is_one_line_error(tmp_path, capsy
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"ptm report: error: {tmp_path}: neither a run directory (metrics.jsonl) "
                                    "nor a sweep directory (sweep.json)")
+
+
+def test_report_on_a_finetuning_run_directory(tmp_path):
+    """A fine-tuning run (or one trial) directory: one metrics line per epoch."""
+    make_sweep_dir(tmp_path / "sweep-c")
+    out = Path(report(str(tmp_path / "sweep-c" / "trials" / "t2")))
+    md = check_figures(out, {"loss.png", "eval_metrics.png", "lr.png"})
+    assert "| epochs | 3 |" in md and "| accuracy (last epoch) | 0.8100 |" in md

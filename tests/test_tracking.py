@@ -192,3 +192,26 @@ def test_sweep_trials_are_separate_runs_grouped_by_sweep(tmp_path, monkeypatch):
     key = FAKE_WANDB_KEY.encode()
     assert [p for p in sweep.rglob("*") if p.is_file() and key in p.read_bytes()] == []
 
+
+
+def test_object_storage_run_dir_gets_its_offline_run_uploaded(tmp_path, s3_endpoint):
+    import pyarrow.fs as pafs
+
+    from ptm_dist import storage
+
+    run_dir = "s3://ptm/tracking-test/run"
+    cfg = debug_job(tmp_path, "tracking.wandb=offline")
+    t = Tracker.start(cfg, run_dir, job_type="pretrain", config={"job": cfg.to_dict()})
+    t.log({"loss": 2.5}, step=1)
+    local = t.local_root
+    t.finish()
+    assert storage.read_text(f"{run_dir}/wandb_run_id").strip() == t.id
+    fs, path = storage.resolve(f"{run_dir}/wandb")
+    names = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    assert any(n.endswith(f"run-{t.id}.wandb") for n in names), names
+    assert not local.exists()  # the local staging copy is gone
+    # The uploaded log is wandb's own, with the history in it.
+    down = tmp_path / "down"
+    pafs.copy_files(path, str(down / "wandb"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    (records,) = offline_runs(down).values()
+    assert [h["loss"] for h in history(records)] == [2.5]

@@ -206,5 +206,9 @@ def print_summary(run_dir: str, seconds: float) -> None:
         print(f"eval loss: {s['first_eval_loss']:.4f} (first) -> {s['eval_loss']:.4f} (last), "
               f"{ratio:.0%} of the first")
     print(f"checkpoint: {s['checkpoint']}")
+    wandb_line = tracking.summary_line(run_dir)
+    if wandb_line:
+        print(wandb_line)
+    print(f"report: ptm report {run_dir}")
     print(f"wall time: {seconds:.0f}s")
     print(f"run_dir: {run_dir}", flush=True)
