@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from ptm_dist import storage
+from ptm_dist import faults, storage
 
 MARKER = "COMPLETE"
 DS_TAG = "ds"
@@ -48,8 +48,23 @@ def is_checkpoint_dir(path: str) -> bool:
     return _NAME.match(path.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
-def mark_complete(ckpt_dir: str, meta: dict) -> None:
-    storage.write_text(storage.join(ckpt_dir, MARKER), json.dumps(meta, sort_keys=True) + "\n")
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (unwritable or full storage); earlier ones are untouched."""
+
+    def __init__(self, target: str, error: OSError):
+        run_dir = target.rsplit("/", 1)[0]
+        try:
+            newest = latest_complete_checkpoint(run_dir)
+        except OSError:
+            newest = None
+        kept = f"newest complete checkpoint {newest} is intact" if newest else "no earlier complete checkpoint"
+        super().__init__(f"cannot write checkpoint {target}: {error}; it is left incomplete and "
+                         f"will not be used; {kept}")
+
+
+def mark_complete(ckpt_dir: str, meta: dict, fault_step: int | None = None) -> None:
+    storage.write_text(storage.join(ckpt_dir, MARKER), json.dumps(meta, sort_keys=True) + "\n",
+                       fault=("save.marker_partial", fault_step))
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -66,8 +81,10 @@ def apply_retention(run_dir: str, keep: int) -> list[str]:
     newest_step = complete[-1][0]
     doomed = [p for _, p in complete[: -max(1, keep)]]
     doomed += [p for s, p, ok in ckpts if not ok and s < newest_step]
-    for p in doomed:
+    for i, p in enumerate(doomed):
         storage.delete_dir(p)
+        if i == 0:
+            faults.fault_point("save.during_retention")
     return doomed
 
 

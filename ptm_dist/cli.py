@@ -246,17 +246,22 @@ def _user_error(e: BaseException) -> str | None:
     """The one-line message for errors that are the user's to fix, else None."""
     from ray.exceptions import RayError
 
+    from ptm_dist.checkpoint import CheckpointWriteError
     from ptm_dist.config import ConfigError
     from ptm_dist.data.sources import DataError, iter_causes
     from ptm_dist.export import ExportError
     from ptm_dist.report import ReportError
     from ptm_dist.submit import SubmitError
+    from ptm_dist.train.loop import RunStopped
+    from ptm_dist.train.pretrain import WorkerFailedError
+    from ptm_dist.train.step import NonFiniteError
 
     # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
     # is a traceback; the original error is further down the chain.
     for cause in iter_causes(e):
         if isinstance(cause, (ConfigError, DataError, ExportError, ReportError, SubmitError,
-                              FileNotFoundError)) and not (
+                              FileNotFoundError, WorkerFailedError, NonFiniteError,
+                              CheckpointWriteError, RunStopped)) and not (
             isinstance(cause, RayError)
         ):
             # Ray Data appends retry advice to errors raised in its tasks; ours are one line.

@@ -155,6 +155,25 @@ class TrainSection(_Section):
         False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."
     )
     compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile).")
+    max_failures: int = Field(
+        3, ge=-1,
+        description="Worker failures (a dead process or node, an error on a worker) Ray Train "
+        "recovers from by restarting the workers from the newest complete checkpoint; -1: no "
+        "limit. 0: the first failure stops the run with an error naming the failed worker.",
+    )
+    skip_nonfinite: int = Field(
+        0, ge=0,
+        description="Steps with a non-finite loss or gradient that a run may skip (the update is "
+        "dropped: weights, optimizer state and LR schedule stay as they were), each reported "
+        "and counted as nonfinite_skipped in metrics and checkpoints; one more stops the run. "
+        "0: the first one stops it.",
+    )
+    spike_factor: float = Field(
+        2.0, ge=0.0,
+        description="Warn when the loss stays above this multiple of its running mean for "
+        "train.spike_patience steps (counted as loss_spikes in metrics). 0: no warning.",
+    )
+    spike_patience: int = Field(5, ge=1, description="Steps the loss must stay high before a spike warning.")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSection:

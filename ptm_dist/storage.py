@@ -52,19 +52,37 @@ def read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a small file so readers see the old content or the new, never a torn one."""
+def write_text(path: str, text: str, fault: tuple[str, int | None] | None = None) -> None:
+    """Write a small file so readers see the old content or the new, never a torn one.
+
+    ``fault`` (point, step) names a ptm_dist.faults point hit with half of the bytes written."""
+    from ptm_dist import faults
+
     fs, p = resolve(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
+    data = text.encode("utf-8")
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{p}.tmp"
         with fs.open_output_stream(tmp) as f:
-            f.write(text.encode("utf-8"))
+            f.write(data[: len(data) // 2])
+            if fault:
+                f.flush()
+                faults.fault_point(fault[0], fault[1])
+            f.write(data[len(data) // 2:])
         fs.move(tmp, p)  # rename: atomic on one filesystem
     else:  # an object-store PUT is atomic by itself
+        if fault:
+            faults.fault_point(fault[0], fault[1])
         with fs.open_output_stream(p) as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
+
+
+def upload_dir(local: Path, target: str) -> None:
+    """Copy a local directory's contents to ``target`` (a local path or URI)."""
+    fs, p = resolve(target)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def delete_dir(path: str) -> None:

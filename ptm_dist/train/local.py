@@ -5,6 +5,8 @@ profiling, and for single-GPU benchmarks.
     it = iter(tr.stream)
     loss, grad_norm, data_wait = tr.train_one_step(it)
 
+    tr = run_local(cfg)   # the whole run: resume, train, checkpoint (as a worker does, minus Ray)
+
 It builds the same ``Trainer`` (model, DeepSpeed engine, data stream) a Ray Train worker
 builds, as rank 0 of a world of one; the data stream packs shards in this process.
 """
@@ -17,10 +19,11 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import storage
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import prepare_data
-from ptm_dist.train.loop import Trainer
+from ptm_dist.train.loop import Trainer, copy_report, save_checkpoint
 
 
 def _free_port() -> int:
@@ -48,3 +51,22 @@ def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer
         **prepare_data(cfg).worker_config(),
     }
     return Trainer(config, rank=0, world=1, device=device)
+
+
+def run_local(cfg: JobConfig, device: torch.device | None = None) -> Trainer:
+    """Run ``cfg``'s job to train.max_steps in this process with a worker's checkpoint logic:
+    resume from the newest complete checkpoint of the run directory, drop newer partial ones,
+    checkpoint every train.ckpt_every steps (files copied to storage directly instead of through
+    ray.train.report). No metrics or evaluation. Returns the trainer at the end."""
+    tr = local_trainer(cfg, device)
+    resume = ckpt_lib.latest_complete_checkpoint(tr.run_dir)
+    if resume:
+        tr.restore(resume)
+        print(f"[ptm] resumed from {resume} at step {tr.step}", flush=True)
+    ckpt_lib.discard_after(tr.run_dir, tr.step)
+    it = iter(tr.stream)
+    while tr.step < tr.cfg.train.max_steps:
+        tr.train_one_step(it)
+        if tr.step % tr.cfg.train.ckpt_every == 0 or tr.step == tr.cfg.train.max_steps:
+            save_checkpoint(tr, None, report=copy_report)
+    return tr

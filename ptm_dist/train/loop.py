@@ -10,6 +10,7 @@ step, RNG states and the data position (per rank files).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -21,13 +22,20 @@ import torch
 import torch.distributed as dist
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import models, storage
+from ptm_dist import faults, models, storage
 from ptm_dist.config import JobConfig
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.data.sources import Shard
 from ptm_dist.engine import ds_config, initialize, manual_clip
 from ptm_dist.tracking import MetricsLog, Tracker, gpu_peak_flops
-from ptm_dist.train.step import Objective, PhaseTimer, eval_loss_sums, train_step
+from ptm_dist.train.step import (
+    NonFiniteError,
+    Objective,
+    PhaseTimer,
+    SpikeDetector,
+    eval_loss_sums,
+    train_step,
+)
 
 
 def rng_state() -> dict:
@@ -92,6 +100,9 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nodes: list[str] = []  # Ray node id of each rank (recorded in checkpoints)
+        self.nonfinite_skipped = 0  # steps dropped for a non-finite loss or gradient
+        self.last_step_applied = True
+        self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_patience)
         self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
 
     # ------------------------------------------------------------------ state
@@ -114,16 +125,22 @@ class Trainer:
         finally:
             storage.drop_local_copy(local, is_tmp)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        if "spikes" in state:
+            self.spikes.load_state_dict(state["spikes"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
 
     def save_local(self, out: Path) -> None:
         """Write this rank's part of a checkpoint into local directory ``out``."""
         self.engine.save_checkpoint(str(out), tag=ckpt_lib.DS_TAG, save_latest=False)
+        faults.fault_point("save.after_deepspeed", self.step, self.rank)
         torch.save(
-            {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "rng": rng_state()},
+            {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "rng": rng_state(),
+             "nonfinite_skipped": self.nonfinite_skipped, "spikes": self.spikes.state_dict()},
             out / f"rank_{self.rank}.pt",
         )
+        faults.fault_point("save.after_rank_state", self.step, self.rank)
         logits = self.probe_logits()
         if self.rank == 0:
             (out / "job.yaml").write_text(self.cfg.to_yaml())
@@ -159,11 +176,36 @@ class Trainer:
         return t.micro_batch * t.grad_accum * self.cfg.data.seq_len * self.world
 
     def train_one_step(self, it, timer: PhaseTimer | None = None):
-        """(local mean loss, grad norm, seconds waiting for data) of one optimizer step."""
+        """(local mean loss, grad norm, seconds waiting for data) of one optimizer step.
+
+        A step whose loss or gradients are non-finite on any rank changes nothing on any rank
+        (see train_step) and is counted in ``nonfinite_skipped``; past train.skip_nonfinite
+        such steps it raises NonFiniteError. Its batch is consumed, not retried.
+        """
         mbs, waited = self.next_micro_batches(it)
-        loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer)
+        step = self.step + 1
+        faults.fault_point("train.step", step, self.rank)
+        poison = (lambda loss: faults.poison_loss(loss, step, self.rank)) if "PTM_FAULT" in os.environ else None
+        loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer, poison)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        # DeepSpeed engines already waited for the device to decide this; no extra sync.
+        applied = getattr(self.engine, "was_step_applied", lambda: True)()
+        # fp16 loss scaling drops steps that overflow in half precision with a finite loss: normal.
+        self.last_step_applied = applied or (self.precision == "fp16" and bool(torch.isfinite(loss)))
+        if not self.last_step_applied:
+            self.nonfinite_skipped += 1
+            allowed = self.cfg.train.skip_nonfinite
+            what = (f"step {self.step}: non-finite loss or gradients (loss {self.mean_over_ranks(loss):.4g}, "
+                    f"grad norm {float(norm) if norm is not None else float('nan'):.4g})")
+            if self.nonfinite_skipped > allowed:
+                raise NonFiniteError(
+                    f"{what}; stopped before the optimizer step (weights and optimizer state are those "
+                    f"after step {self.step - 1}); {self.nonfinite_skipped} such steps exceed "
+                    f"train.skip_nonfinite={allowed}")
+            if self.rank == 0:
+                print(f"[ptm] {what}: update skipped ({self.nonfinite_skipped}/{allowed} allowed by "
+                      "train.skip_nonfinite)", flush=True)
         return loss, norm, waited
 
     def generator(self) -> torch.Generator | None:
@@ -197,6 +239,22 @@ class Trainer:
             )
         return bad
 
+    def window_loss(self, window: list[tuple[int, torch.Tensor]]) -> float:
+        """Mean over ranks and steps of a metrics window's losses (NaN if every step in it was
+        skipped); each step's mean over ranks goes through the loss-spike detector."""
+        if not window:
+            return float("nan")
+        per_step = torch.stack([loss for _, loss in window]).float()
+        if dist.is_initialized():
+            dist.all_reduce(per_step)
+            per_step /= self.world
+        values = per_step.tolist()
+        for (step, _), value in zip(window, values):
+            warning = self.spikes.update(step, value)
+            if warning and self.rank == 0:
+                print(f"[ptm] warning: {warning}", flush=True)
+        return sum(values) / len(values)
+
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         if dist.is_initialized():
             value = value.clone()
@@ -205,8 +263,38 @@ class Trainer:
         return float(value)
 
 
+# Written in the run directory when a worker stops on an error that is the user's to fix.
+FATAL_ERROR = "fatal_error.txt"
+
+
+class RunStopped(RuntimeError):
+    """A restarted worker group met the error that already stopped this run (not retried)."""
+
+
 def train_loop(config: dict) -> None:
-    """Ray Train entry point (one call per worker)."""
+    """Ray Train entry point (one call per worker).
+
+    Ray Train restarts the workers after any failure (train.max_failures). Errors that are the
+    user's to fix (bad data, a non-finite loss past its budget, unwritable storage) would only
+    repeat, so they are recorded in the run directory and a restarted group stops at once with
+    the same message; ``ptm pretrain`` clears the record when it starts.
+    """
+    from ptm_dist.cli import _user_error
+
+    faults.install(config.get("faults"))
+    fatal = storage.join(config["run_dir"], FATAL_ERROR)
+    if storage.exists(fatal):
+        raise RunStopped(storage.read_text(fatal).strip())
+    try:
+        _train_loop(config)
+    except Exception as e:
+        message = _user_error(e)
+        if message is not None:
+            storage.write_text(fatal, message + "\n")
+        raise
+
+
+def _train_loop(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
@@ -234,6 +322,8 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         ckpt_lib.discard_after(tr.run_dir, tr.step)
         log = MetricsLog(tr.run_dir, resume_step=tr.step if resume else None)
+        if resume:
+            log.write({"step": tr.step, "resumed_from": resume})  # where each restart picked up
         print(
             f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
@@ -261,7 +351,7 @@ def train_loop(config: dict) -> None:
         write({"step": 0, "eval_loss": tr.evaluate(), "tokens": 0})
 
     it = iter(tr.stream)
-    loss_sum = torch.zeros((), device=device)
+    window: list[tuple[int, torch.Tensor]] = []  # (step, local loss) of applied steps since the last line
     # A window of training steps between metrics lines; time spent evaluating and checkpointing
     # (paused) is left out of its tokens/s and data-wait fraction.
     n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
@@ -269,7 +359,8 @@ def train_loop(config: dict) -> None:
     start_step = tr.step
     while tr.step < cfg.train.max_steps:
         loss, norm, waited = tr.train_one_step(it)
-        loss_sum += loss
+        if tr.last_step_applied:
+            window.append((tr.step, loss))
         wait += waited
         n_in_window += 1
         last = tr.step == cfg.train.max_steps
@@ -278,7 +369,7 @@ def train_loop(config: dict) -> None:
             tps = tokens_per_step * n_in_window / elapsed
             record = {
                 "step": tr.step,
-                "loss": tr.mean_over_ranks(loss_sum / n_in_window),
+                "loss": tr.window_loss(window),
                 "lr": float(tr.engine.get_lr()[0]),
                 "grad_norm": float(norm) if norm is not None else None,
                 "tokens_per_s": tps,
@@ -286,6 +377,8 @@ def train_loop(config: dict) -> None:
                 "tokens": tr.tokens_seen,
                 "epoch": tr.stream.position.epoch,
             }
+            record["nonfinite_skipped"] = tr.nonfinite_skipped
+            record["loss_spikes"] = tr.spikes.count
             if cfg.data.max_bad_shards:
                 record["bad_shards"] = len(tr.bad_shards())
             if peak:
@@ -298,7 +391,7 @@ def train_loop(config: dict) -> None:
                     f"[ptm] step {tr.step}/{cfg.train.max_steps} loss {record['loss']:.4f} "
                     f"lr {record['lr']:.2e} {tps:,.0f} tok/s eta {eta:.0f}s", flush=True,
                 )
-            loss_sum.zero_()
+            window.clear()
             n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
         t_pause = time.perf_counter()
         if tr.step % cfg.train.eval_every == 0 or last:
@@ -320,30 +413,54 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def save_checkpoint(tr: Trainer, log: MetricsLog | None) -> None:
-    """Every rank writes its part locally, hands it to ray.train.report (which copies it into
-    <run_dir>/checkpoint_<step>), then rank 0 marks the checkpoint complete once all have."""
+def ray_report(tr: Trainer, local: Path, name: str) -> None:
+    """Hand this rank's checkpoint files to Ray Train, which copies them to <run_dir>/<name>."""
     import ray.train
 
+    ray.train.report({"step": tr.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                     checkpoint_dir_name=name)
+
+
+def copy_report(tr: Trainer, local: Path, name: str) -> None:
+    """Without Ray (local trainer, tests): copy this rank's files to <run_dir>/<name> directly."""
+    storage.upload_dir(local, storage.join(tr.run_dir, name))
+
+
+def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> None:
+    """Every rank writes its part locally, hands it to ray.train.report (which copies it into
+    <run_dir>/checkpoint_<step>), then rank 0 marks the checkpoint complete once all have.
+
+    A failure anywhere in here leaves at most an unmarked directory, which resume, export and
+    retention ignore; a storage error (unwritable, full) is raised as CheckpointWriteError.
+    The fault points (ptm_dist.faults) mark the stages tests crash in.
+    """
     name = ckpt_lib.checkpoint_name(tr.step)
+    target = storage.join(tr.run_dir, name)
+    step, rank = tr.step, tr.rank
     tmp = Path(tempfile.mkdtemp(prefix=f"ptm-{name}-rank{tr.rank}-"))
     try:
+        faults.fault_point("save.begin", step, rank)
         tr.save_local(tmp)
-        ray.train.report(
-            {"step": tr.step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name
-        )
+        faults.fault_point("save.before_report", step, rank)
+        report(tr, tmp, name)
+        faults.fault_point("save.after_report", step, rank)
         if dist.is_initialized():
             dist.barrier()  # every rank's files are in storage
         if tr.rank == 0:
-            target = storage.join(tr.run_dir, name)
+            faults.fault_point("save.before_marker", step, rank)
             ckpt_lib.mark_complete(target, {
                 "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
                 "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
                 "nodes": tr.nodes, "device": device_name(tr.device),
-            })
+            }, fault_step=step)
+            faults.fault_point("save.after_marker", step, rank)
             ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
+            faults.fault_point("save.before_metrics_sync", step, rank)
             if log is not None:
                 log.sync()
             tr.tracker.sync()
+            faults.fault_point("save.end", step, rank)
+    except OSError as e:
+        raise ckpt_lib.CheckpointWriteError(target, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

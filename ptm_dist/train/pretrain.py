@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 
 import yaml
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import progress, storage, tracking
+from ptm_dist import faults, progress, storage, tracking
 from ptm_dist.config import ConfigError, JobConfig
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.tracking import read_metrics
@@ -89,6 +90,16 @@ def forget_ray_checkpoint_index(run_dir: str) -> None:
         fs.delete_file(p)
 
 
+def clear_fatal_error(run_dir: str) -> None:
+    """A new command is a new attempt: forget the error that stopped the previous one."""
+    from ptm_dist.train.loop import FATAL_ERROR
+
+    path = storage.join(run_dir, FATAL_ERROR)
+    if storage.exists(path):
+        fs, p = storage.resolve(path)
+        fs.delete_file(p)
+
+
 def connect_ray(cfg: JobConfig) -> bool:
     """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
 
@@ -145,13 +156,15 @@ def pretrain(cfg: JobConfig) -> str:
     gpu = use_gpu(cfg)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
     forget_ray_checkpoint_index(run_dir)
+    clear_fatal_error(run_dir)
     resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
     if tracking.resolve_mode(cfg.tracking.wandb) != "disabled":
         # Stored before training so that a resumed job (even after a killed driver) continues
         # the same wandb run; a job that starts from step 0 is a new run.
         tracking.run_id(run_dir, fresh=resume_from is None)
     follower = contextlib.nullcontext()
-    loop_config = {"job": cfg.to_dict(), "run_dir": run_dir, **data.worker_config()}
+    loop_config = {"job": cfg.to_dict(), "run_dir": run_dir, "faults": faults.for_workers(),
+                   **data.worker_config()}
     if progress.use_bar():
         loop_config["progress_board"] = board = progress.start_board()
         start = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
@@ -168,17 +181,73 @@ def pretrain(cfg: JobConfig) -> str:
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage.absolute(cfg.run.storage),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
     try:
         with follower:
             trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        message = worker_failure_message(e, cfg.train.max_failures, run_dir)
+        if message is None:
+            raise
+        raise WorkerFailedError(message) from e
     finally:
         if owns_ray:
             ray.shutdown()  # also flushes forwarded worker logs, so the summary comes last
     print_summary(run_dir, time.time() - t0)
     return run_dir
+
+
+class WorkerFailedError(RuntimeError):
+    """Ray Train gave up on the workers (train.max_failures used up); the message names the worker."""
+
+
+_COLLECTIVE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe", re.IGNORECASE)
+
+
+def worker_failure_message(e: BaseException, max_failures: int, run_dir: str) -> str | None:
+    """One line naming the worker that failed first and why, or None when the failure is one of
+    ptm's own errors (bad data, non-finite loss, storage), which the CLI prints as they are.
+
+    A worker that dies takes the others down in their next collective (a gloo/NCCL error on
+    their side), so a dead worker or a non-collective error is named before those."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from ptm_dist.checkpoint import CheckpointWriteError
+    from ptm_dist.data.sources import DataError, iter_causes
+    from ptm_dist.train.loop import RunStopped
+    from ptm_dist.train.step import NonFiniteError
+
+    own = (ConfigError, DataError, NonFiniteError, CheckpointWriteError, RunStopped)
+    if any(isinstance(c, own) for c in iter_causes(e)):
+        return None
+    failures = getattr(e, "worker_failures", None) or {}
+    if not failures:
+        return None
+
+    def rank_order(item):
+        rank, err = item
+        dead = isinstance(err, WorkerHealthCheckFailedError)
+        return (0 if dead else 2 if _COLLECTIVE.search(str(err)) else 1, rank)
+
+    rank, err = min(failures.items(), key=rank_order)
+    text = str(err)
+    if isinstance(err, WorkerHealthCheckFailedError):
+        found = {k: re.search(rf"{k}='?([^',\n)]+)", text) for k in ("pid", "node_id", "node_ip", "hostname")}
+        info = {k: m.group(1) for k, m in found.items() if m}
+        exit_type = re.search(r"Worker exit type: (\w+)", text)
+        who = (f"worker rank {rank} (pid {info.get('pid', '?')} on {info.get('hostname', '?')} "
+               f"{info.get('node_ip', '')}, node {info.get('node_id', '?')[:12]})")
+        why = ("its process died (killed by a signal, the OOM killer or a crash"
+               + (f"; Ray exit type {exit_type.group(1)}" if exit_type else "") + ")")
+    else:
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        who, why = f"worker rank {rank}", f"{type(err).__name__}: {first}"
+    newest = ckpt_lib.latest_complete_checkpoint(run_dir)
+    resume = f"re-running the same command resumes from {newest}" if newest else "no checkpoint was written yet"
+    limit = "no restarts allowed" if max_failures == 0 else f"all {max_failures} restarts used"
+    return f"{who} failed: {why}; train.max_failures={max_failures} ({limit}); {resume}"
 
 
 def summarize(run_dir: str) -> dict:

@@ -8,11 +8,50 @@ reference loops of the tests. ``engine`` is a DeepSpeed engine or anything with 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradients were non-finite more often than train.skip_nonfinite allows."""
+
+
+class SpikeDetector:
+    """Warns when the loss stays above ``factor`` times its running mean for ``patience`` steps.
+
+    The running mean is an exponential moving average of the steps that are not high, so a
+    spike does not raise its own baseline; the first ``warmup`` steps only build the mean.
+    """
+
+    def __init__(self, factor: float, patience: int, decay: float = 0.98, warmup: int = 10):
+        self.factor, self.patience, self.decay, self.warmup = factor, patience, decay, warmup
+        self.mean, self.seen, self.high, self.count = 0.0, 0, 0, 0
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Feed one step's loss; returns a warning when a spike has lasted ``patience`` steps."""
+        if self.factor <= 0 or not math.isfinite(loss):
+            return None
+        if self.seen >= self.warmup and loss > self.factor * self.mean:
+            self.high += 1
+            if self.high == self.patience:
+                self.count += 1
+                return (f"loss spike: loss {loss:.4f} at step {step} has stayed above "
+                        f"{self.factor:g} x its running mean {self.mean:.4f} for {self.patience} steps")
+            return None
+        self.high = 0
+        self.mean = loss if self.seen == 0 else self.decay * self.mean + (1 - self.decay) * loss
+        self.seen += 1
+        return None
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "seen": self.seen, "high": self.high, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.seen, self.high, self.count = (state[k] for k in ("mean", "seen", "high", "count"))
 
 
 @dataclass(frozen=True)
@@ -85,7 +124,7 @@ def _untimed(phase: str):
 
 def train_step(
     engine, micro_batches: list[torch.Tensor], obj: Objective, generator=None, clip: float = 0.0,
-    timer: PhaseTimer | None = None,
+    timer: PhaseTimer | None = None, poison=None,
 ):
     """One optimizer step over ``micro_batches`` (grad_accum of them): (mean loss, grad norm).
 
@@ -93,7 +132,9 @@ def train_step(
     steps the optimizer and LR schedule at the last micro batch. ``clip`` > 0 clips here
     instead, just before that last step (engines that do not report the norm themselves).
     Both results may be device tensors: reading them waits for the GPU, so callers read them
-    only when they log.
+    only when they log. A step whose loss or gradients are non-finite on any rank has its update
+    dropped on every rank (DeepSpeed engines then report ``was_step_applied()`` False).
+    ``poison`` (tests only, see ptm_dist.faults) may replace the last micro batch's loss.
     """
     timed = timer or _untimed
     total = torch.zeros((), device=micro_batches[0].device)
@@ -102,16 +143,45 @@ def train_step(
     for i, ids in enumerate(micro_batches):
         with timed("forward"):
             loss = loss_on(engine, ids, obj, generator)
+            if poison is not None and i == last:
+                loss = poison(loss)
+        total += loss.detach().float()
         with timed("backward"):
+            if i == last:
+                # A non-finite loss on any micro batch of this rank makes every gradient NaN, so
+                # the global gradient norm (all-reduced by the engine) is non-finite on every
+                # rank and the update is dropped everywhere alike (see drop_nonfinite_update).
+                # Multiplying by exactly 1.0 changes nothing otherwise; no host sync.
+                loss = loss * torch.where(torch.isfinite(total), 1.0, float("nan"))
             engine.backward(loss)
         with timed("optimizer" if i == last else "backward"):
             if clip > 0 and i == last:
                 norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip)
+                drop_nonfinite_update(engine, norm)
             engine.step()
-        total += loss.detach().float()
     if norm is None:
         norm = engine.get_global_grad_norm()
     return total / len(micro_batches), norm
+
+
+def drop_nonfinite_update(engine, norm: torch.Tensor) -> None:
+    """Make the coming ``engine.step()`` drop its update if the gradient norm is non-finite.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) do this themselves: a non-finite global gradient
+    norm is an "overflow", the step returns before touching weights or optimizer state, the
+    partitioned gradient buffers are cleared and the engine leaves the LR schedule alone
+    (``engine.was_step_applied()`` is False). Without ZeRO the engine steps the plain torch
+    optimizer, so take its path: no gradients (AdamW skips parameters without one) and the
+    optimizer's ``overflow`` flag, which the engine reads to skip the schedule. Reading the norm
+    waits for the device once per step; only this path (ZeRO-0 with clipping here) pays it.
+    """
+    bad = not bool(torch.isfinite(norm))
+    if bad:
+        for p in engine.module.parameters():
+            p.grad = None
+    optimizer = getattr(engine, "optimizer", None)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.overflow = bad
 
 
 @torch.no_grad()
