@@ -73,3 +73,20 @@ def test_report_on_a_finetuning_run_directory(tmp_path):
     out = Path(report(str(tmp_path / "sweep-c" / "trials" / "t2")))
     md = check_figures(out, {"loss.png", "eval_metrics.png", "lr.png"})
     assert "| epochs | 3 |" in md and "| accuracy (last epoch) | 0.8100 |" in md
+
+
+def test_report_on_an_object_storage_run_directory(tracked_run, s3_endpoint):
+    """The run's files copied to S3 (moto server): the report is drawn locally and uploaded."""
+    import pyarrow.fs as pafs
+
+    from ptm_dist import storage
+
+    run_dir = "s3://ptm/report-test/tracked"
+    for name in ("job.yaml", "metrics.jsonl"):
+        storage.write_text(f"{run_dir}/{name}", (tracked_run.run_dir / name).read_text())
+    out = report(run_dir)
+    assert out == f"{run_dir}/report"
+    fs, path = storage.resolve(out)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    assert {"report.md", "loss.png", "lr.png", "throughput.png", "data_wait.png"} <= names
+    assert "![Loss against tokens seen](loss.png)" in storage.read_text(f"{out}/report.md")

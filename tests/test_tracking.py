@@ -66,6 +66,9 @@ def test_one_offline_wandb_run_holds_the_job_history_and_config(tracked_run):
                 if k in m:
                     assert logged[(m["step"], k)] == pytest.approx(m[k], rel=1e-12)
     assert of_type(first, "exit")[0]["exit_code"] == 0
+    # The summary says how to upload it.
+    assert (f"wandb: offline run {tracked_run.first_id}; upload: wandb sync "
+            f"{tracked_run.run_dir}/wandb/offline-run-*-{tracked_run.first_id}") in tracked_run.first.stdout
 
 
 def test_a_resumed_job_continues_the_same_wandb_run(tracked_run):
