@@ -115,7 +115,7 @@ def run_report(run_dir: str, out: Path) -> None:
     job_path = storage.join(run_dir, "job.yaml")
     job_text = storage.read_text(job_path) if storage.exists(job_path) else ""
     job = yaml.safe_load(job_text) or {} if job_text else {}
-    pretraining = any("tokens_per_s" in m for m in lines)
+    pretraining = any("tokens_per_s" in m or "tokens" in m for m in lines)
     figures: list[tuple[str, str]] = []
     if pretraining:
         _pretrain_figures(lines, out, figures)
@@ -307,6 +307,8 @@ def sweep_report(sweep_dir: str, out: Path) -> None:
     if not storage.exists(trials_csv):
         raise ReportError(f"{sweep_dir}: sweep.json but no trials.csv (is the sweep still running?)")
     rows = list(csv.DictReader(io.StringIO(storage.read_text(trials_csv))))
+    if not rows:
+        raise ReportError(f"{trials_csv}: no trials yet")
     fixed = {"trial_id", "status", "epochs", metric}
     hp_keys = [k for k in (rows[0].keys() if rows else []) if k not in fixed]
     curves: dict[str, list[dict]] = {}
