@@ -413,18 +413,21 @@ def _raylet_pid() -> int | None:
 
 
 def _scaled_copies(shards: list, scale: int, root: Path) -> list:
-    """``scale`` distinct copies of every shard (a corpus ``scale`` times larger)."""
+    """The shards, each made ``scale`` times larger by repeating its content (a corpus ``scale``
+    times larger with the same shard count; jsonl and txt shards on local disk)."""
     import shutil as _shutil
     from dataclasses import replace
 
     out = []
-    for copy in range(scale):
-        for k, shard in enumerate(shards):
-            if "://" in shard.uri:
-                raise ValueError(f"--scale copies local shards only; {shard.uri} is remote")
-            target = root / f"copy{copy:03d}-{k:05d}-{Path(shard.uri).name}"
-            _shutil.copyfile(shard.uri, target)
-            out.append(replace(shard, uri=str(target)))
+    for k, shard in enumerate(shards):
+        if "://" in shard.uri or shard.format not in ("jsonl", "txt") or shard.uri.endswith((".gz", ".zst")):
+            raise ValueError(f"--scale repeats local uncompressed jsonl/txt shards only; {shard.uri} is not one")
+        target = root / f"{k:05d}-{Path(shard.uri).name}"
+        with open(target, "wb") as dst:
+            for _ in range(scale):
+                with open(shard.uri, "rb") as src:
+                    _shutil.copyfileobj(src, dst)
+        out.append(replace(shard, uri=str(target)))
     return out
 
 
