@@ -189,10 +189,16 @@ class Trainer:
         loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer, poison)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        # DeepSpeed engines already waited for the device to decide this; no extra sync.
-        applied = getattr(self.engine, "was_step_applied", lambda: True)()
-        # fp16 loss scaling drops steps that overflow in half precision with a finite loss: normal.
-        self.last_step_applied = applied or (self.precision == "fp16" and bool(torch.isfinite(loss)))
+        # DeepSpeed engines already waited for the device to decide this (the same on every
+        # rank: it comes from the all-reduced gradient norm); no extra sync.
+        self.last_step_applied = getattr(self.engine, "was_step_applied", lambda: True)()
+        if not self.last_step_applied and self.precision == "fp16":
+            # fp16 loss scaling also drops steps whose gradients overflow in half precision while
+            # every loss is finite: normal, not counted. Decided on all ranks' losses alike.
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            self.last_step_applied = bool(finite)
         if not self.last_step_applied:
             self.nonfinite_skipped += 1
             allowed = self.cfg.train.skip_nonfinite

@@ -152,7 +152,7 @@ def train_step(
                 # the global gradient norm (all-reduced by the engine) is non-finite on every
                 # rank and the update is dropped everywhere alike (see drop_nonfinite_update).
                 # Multiplying by exactly 1.0 changes nothing otherwise; no host sync.
-                loss = loss * torch.where(torch.isfinite(total), 1.0, float("nan"))
+                loss = loss * torch.where(torch.isfinite(total), 1.0, float("nan")).to(loss.dtype)
             engine.backward(loss)
         with timed("optimizer" if i == last else "backward"):
             if clip > 0 and i == last:

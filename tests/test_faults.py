@@ -1,0 +1,555 @@
+"""Fault tolerance: killed workers and drivers, crashes inside checkpoint saves, non-finite
+steps, loss spikes, storage trouble and retention, each against an uninterrupted run.
+
+Faults are real (SIGKILL, os._exit, exceptions, ENOSPC, NaN losses through DeepSpeed), injected
+at named points with ptm_dist.faults (PTM_FAULT). Every test prints its figure.
+
+Ray runs: 2 workers, ZeRO-2, CPU fp32, 40 steps with a checkpoint every 10 (the reference run is
+shared). Checkpoint-save crashes run in one process without Ray (ptm_dist.train.local.run_local,
+the same Trainer and save_checkpoint), which is cheap enough to cover every save point; one
+more crashes a save on Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEBUG_OVERRIDES, debug_job, read_lines
+
+from ptm_dist import checkpoint as ck
+from ptm_dist.cli import _user_error
+from ptm_dist.train.pretrain import WorkerFailedError, pretrain
+from ptm_dist.train.step import SpikeDetector
+
+TESTS = Path(__file__).parent
+LONG = ["train.max_steps=40", "train.ckpt_every=10", "train.eval_every=20", "train.keep_ckpts=5",
+        "zero.stage=2", "tracking.wandb=disabled"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def flat_tensors(obj, prefix="") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts/lists, by path."""
+    out = {}
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flat_tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two tensor dicts (inf if keys or shapes differ)."""
+    if a.keys() != b.keys():
+        return float("inf")
+    worst = 0.0
+    for k, x in a.items():
+        y = b[k]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return float("inf")
+        if not torch.equal(x, y):
+            worst = max(worst, (x.double() - y.double()).abs().max().item())
+            worst = worst or float("nan")  # unequal but no numeric difference (NaN): not equal
+    return worst
+
+
+def checkpoint_tensors(ckpt: str) -> dict[str, torch.Tensor]:
+    """Weights and optimizer state (every rank's ZeRO partition) of a checkpoint, plus the LR
+    schedule and each rank's trainer state (data position, counters)."""
+    out = {}
+    for f in sorted(Path(ckpt, ck.DS_TAG).glob("*.pt")):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        out.update(flat_tensors({k: v for k, v in state.items() if k not in ("ds_config", "ds_version")}, f.name))
+        sched = state.get("lr_scheduler")
+        if sched:
+            out[f"{f.name}/lr_last_epoch"] = torch.tensor(sched["last_epoch"])
+    for f in sorted(Path(ckpt).glob("rank_*.pt")):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        out[f"{f.name}/data"] = torch.tensor([state["data"]["epoch"], state["data"]["last_id"] or -1,
+                                              state["data"]["consumed"]])
+        out[f"{f.name}/nonfinite"] = torch.tensor(state.get("nonfinite_skipped", 0))
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_lines(run_dir) if "loss" in m}
+
+
+def run_python(script: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def last_json(proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_session):
+    """The uninterrupted 40-step run every interrupted one is compared with."""
+    tmp = tmp_path_factory.mktemp("ref")
+    run_dir = pretrain(debug_job(tmp, "run.name=ref", *LONG))
+    return run_dir, losses(run_dir), checkpoint_tensors(f"{run_dir}/checkpoint_00000040")
+
+
+# ---------------------------------------------------------------- 1. bitwise resume, max_failures=0
+
+
+def test_stop_at_20_and_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path, monkeypatch, ray_session):
+    """Rank 1 is SIGKILLed as it starts step 21 with train.max_failures=0: the run stops with a
+    one-line error naming the worker; the same job again resumes from step 20 and its losses of
+    steps 21-40, final weights and optimizer state equal the uninterrupted run's exactly."""
+    _, ref_losses, ref_final = reference
+    cfg = debug_job(tmp_path, "run.name=stop", *LONG, "train.max_failures=0")
+    monkeypatch.setenv("PTM_FAULT", "train.step@21#1:kill")
+    with pytest.raises(WorkerFailedError) as err:
+        pretrain(cfg)
+    line = _user_error(err.value)
+    print("max_failures=0:", line)
+    assert line is not None and "\n" not in line
+    assert line.startswith("worker rank 1 (pid ") and "its process died" in line
+    assert "train.max_failures=0" in line and "checkpoint_00000020" in line
+    monkeypatch.delenv("PTM_FAULT")
+    run_dir = pretrain(cfg)
+    got = losses(run_dir)
+    resumed = [m for m in read_lines(run_dir) if "resumed_from" in m]
+    assert [m["step"] for m in resumed] == [20]
+    same = [s for s in range(21, 41) if got[s] == ref_losses[s]]
+    diff = max_diff(checkpoint_tensors(f"{run_dir}/checkpoint_00000040"), ref_final)
+    print(f"bitwise resume: steps 21-40 with == losses: {len(same)}/20; max |weights/optimizer diff| = {diff}")
+    assert len(same) == 20 and diff == 0.0
+
+
+# ---------------------------------------------------------------- 2. worker kill, max_failures=1
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
+        reference, tmp_path, monkeypatch, ray_session):
+    _, ref_losses, ref_final = reference
+    monkeypatch.setenv("PTM_FAULT", "train.step@25#1:kill")
+    monkeypatch.setenv("PTM_FAULT_ONCE", str(tmp_path / "fired"))
+    run_dir = pretrain(debug_job(tmp_path, "run.name=kill", *LONG, "train.max_failures=1"))
+    fired = (tmp_path / "fired").iterdir().__next__().read_text()  # "pid P step 25"
+    killed_at = int(fired.split()[-1])
+    resumed = [m["step"] for m in read_lines(run_dir) if "resumed_from" in m]
+    lost = killed_at - 1 - resumed[0]  # steps finished before the kill and done again
+    diff = max_diff(checkpoint_tensors(f"{run_dir}/checkpoint_00000040"), ref_final)
+    got = losses(run_dir)
+    print(f"worker kill at step {killed_at} ({fired.strip()}): resumed from step {resumed}, lost {lost} steps; "
+          f"max |w diff| = {diff}")
+    assert killed_at == 25 and resumed == [20] and lost <= 10
+    assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
+    assert diff == 0.0
+
+
+def test_a_worker_crashing_inside_a_save_on_ray_loses_only_that_checkpoint(
+        reference, tmp_path, monkeypatch, ray_session):
+    """Rank 0 exits (os._exit) inside step 30's save after every rank's files are in storage
+    and before the COMPLETE marker: the restarted workers resume from step 20 (the partial
+    checkpoint_00000030 is never loaded and is removed), and the run ends bit-identical."""
+    _, ref_losses, ref_final = reference
+    monkeypatch.setenv("PTM_FAULT", "save.before_marker@30#0:exit")
+    monkeypatch.setenv("PTM_FAULT_ONCE", str(tmp_path / "fired"))
+    run_dir = pretrain(debug_job(tmp_path, "run.name=savecrash", *LONG, "train.max_failures=1"))
+    resumed = [m["step"] for m in read_lines(run_dir) if "resumed_from" in m]
+    diff = max_diff(checkpoint_tensors(f"{run_dir}/checkpoint_00000040"), ref_final)
+    got = losses(run_dir)
+    print(f"crash in step 30's save (Ray): resumed from {resumed}; max |w diff| = {diff}")
+    assert (tmp_path / "fired").exists() and resumed == [20] and diff == 0.0
+    assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
+
+
+# ---------------------------------------------------------------- 4. driver kill, same command again
+
+
+def _descendants_session(sid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
+
+
+def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_path, cache_dir):
+    """`ptm pretrain` (its own local Ray) is SIGKILLed with its whole process group while its
+    workers are at step 25; the same command again resumes from step 20 and ends with the
+    uninterrupted run's losses, weights, optimizer state and data positions (every sequence
+    consumed exactly once). The wandb run id is not checked here (tracking tests do that)."""
+    _, ref_losses, ref_final = reference
+    sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=drv"]
+    cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PTM_FAULT", "PTM_FAULT_ONCE")}
+    run_dir = tmp_path / "drv"
+    proc = subprocess.Popen(cmd, env={**env, "PTM_FAULT": "train.step@25:hang"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            if (run_dir / "checkpoint_00000020" / "COMPLETE").exists() and (run_dir / "metrics.jsonl").exists() \
+                    and any(m.get("step") == 24 and "loss" in m for m in read_lines(run_dir)):
+                break
+            assert proc.poll() is None, "driver ended before the kill"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the run never reached step 24")
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        for pid in _descendants_session(proc.pid):  # Ray processes the driver started
+            os.kill(pid, signal.SIGKILL)
+    steps_before = max(m["step"] for m in read_lines(run_dir) if "loss" in m)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir}"
+    resumed = [m["step"] for m in read_lines(run_dir) if "resumed_from" in m]
+    got = losses(run_dir)
+    final = checkpoint_tensors(f"{run_dir}/checkpoint_00000040")
+    data_equal = all(torch.equal(final[k], ref_final[k]) for k in final if k.endswith("/data"))
+    diff = max_diff(final, ref_final)
+    print(f"driver kill at step {steps_before + 1}: resumed from {resumed}, lost {steps_before - resumed[0]} steps; "
+          f"steps 21-40 equal losses: {sum(got[s] == ref_losses[s] for s in range(21, 41))}/20; "
+          f"data positions equal: {data_equal}; max |w diff| = {diff}")
+    assert resumed == [20] and data_equal and diff == 0.0
+    assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
+
+
+# ---------------------------------------------------------------- 5. non-finite steps and spikes
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_past_the_budget(tmp_path, monkeypatch, ray_session):
+    """A NaN loss on rank 1 only (step 4) and finite loss with NaN gradients on rank 0 only
+    (step 9) are skipped on both ranks with train.skip_nonfinite=2; a loss 10x too high for
+    steps 14-17 gives one spike warning; an inf loss at step 21 is one too many and stops the
+    run. Re-running resumes from step 20 with the count (2) restored from the checkpoint."""
+    sets = ["train.max_steps=24", "train.ckpt_every=10", "train.eval_every=24", "train.keep_ckpts=5",
+            "train.skip_nonfinite=2", "train.spike_patience=3", "tracking.wandb=disabled", "run.name=nf",
+            "train.max_failures=1"]  # the restart Ray Train makes stops at once (not retried)
+    cfg = debug_job(tmp_path, *sets)
+    monkeypatch.setenv("PTM_FAULT", "train.loss@4#1:nan,train.loss@9#0:gradnan,train.loss@14-17:spike,"
+                                    "train.loss@21:inf")
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError) as err:
+        pretrain(cfg)
+    line = _user_error(err.value)
+    print("non-finite past the budget:", line)
+    assert line.startswith("step 21: non-finite loss or gradients") and "exceed train.skip_nonfinite=2" in line
+    lines = {m["step"]: m for m in read_lines(tmp_path / "nf") if "loss" in m}
+    counts = {s: lines[s]["nonfinite_skipped"] for s in (3, 4, 8, 9, 20)}
+    spikes = {s: lines[s]["loss_spikes"] for s in (15, 16, 20)}
+    print(f"nonfinite_skipped by step: {counts}; loss_spikes by step: {spikes}")
+    assert counts == {3: 0, 4: 1, 8: 1, 9: 2, 20: 2}
+    assert spikes == {15: 0, 16: 1, 20: 1}
+    assert lines[4]["loss"] != lines[4]["loss"] and lines[5]["loss"] == lines[5]["loss"]  # NaN only where skipped
+    ckpt = checkpoint_tensors(f"{tmp_path}/nf/checkpoint_00000020")
+    assert int(ckpt["rank_0.pt/nonfinite"]) == int(ckpt["rank_1.pt/nonfinite"]) == 2
+    monkeypatch.delenv("PTM_FAULT")
+    run_dir = pretrain(cfg)
+    final = checkpoint_tensors(f"{run_dir}/checkpoint_00000024")
+    after = [m for m in read_lines(run_dir) if "loss" in m][-1]
+    print(f"after resume: nonfinite_skipped {after['nonfinite_skipped']}, loss_spikes {after['loss_spikes']}")
+    assert int(final["rank_0.pt/nonfinite"]) == 2 and after["nonfinite_skipped"] == 2 and after["loss_spikes"] == 1
+
+
+NONFINITE_SCRIPT = """
+import json, os
+from conftest import debug_job
+from test_faults import snapshot_engine, same
+from ptm_dist.train.local import local_trainer
+from ptm_dist.train.step import NonFiniteError
+out = {}
+for stage in (0, 2, 3):
+    cfg = debug_job(TMP, f"run.name=nf{stage}", f"zero.stage={stage}", "train.skip_nonfinite=1",
+                    "tracking.wandb=disabled")
+    tr = local_trainer(cfg)
+    it = iter(tr.stream)
+    tr.train_one_step(it); tr.train_one_step(it)
+    before = snapshot_engine(tr.engine)
+    os.environ["PTM_FAULT"] = "train.loss@3:gradnan"
+    tr.train_one_step(it)
+    skipped_same = same(before, snapshot_engine(tr.engine))
+    os.environ["PTM_FAULT"] = "train.loss@4:nan"
+    try:
+        tr.train_one_step(it)
+        message = None
+    except NonFiniteError as e:
+        message = str(e)
+    stopped_same = same(before, snapshot_engine(tr.engine))
+    del os.environ["PTM_FAULT"]
+    tr.train_one_step(it)
+    out[stage] = {"skipped_unchanged": skipped_same, "stopped_unchanged": stopped_same,
+                  "count": tr.nonfinite_skipped, "message": message,
+                  "next_step_changes": not same(before, snapshot_engine(tr.engine)),
+                  "engine_optimizer": type(tr.engine.optimizer).__name__}
+print(json.dumps(out))
+"""
+
+
+def snapshot_engine(engine) -> dict:
+    """Weights (ZeRO partitions where partitioned), fp32 master copies, optimizer state, LR."""
+    out = {"params": [getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()]}
+    opt = engine.optimizer
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, attr):
+            out[attr] = [t.detach().clone() for t in getattr(opt, attr)]
+    inner = getattr(opt, "optimizer", opt)
+    state = [inner.state[p] for g in inner.param_groups for p in g["params"] if p in inner.state]
+    out["state"] = {k: v.clone() for k, v in flat_tensors(state).items()}
+    out["lr"] = [g["lr"] for g in inner.param_groups]
+    out["sched"] = dict(engine.lr_scheduler.state_dict())
+    return out
+
+
+def same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_nonfinite_step_leaves_weights_optimizer_and_schedule_unchanged(tmp_path, cache_dir):
+    """ZeRO-0, 2 and 3 (one process): a step with NaN gradients (finite loss) is skipped and a
+    NaN loss past train.skip_nonfinite=1 stops; both leave weights, master weights, optimizer
+    state and LR schedule bit-identical; the next step trains normally."""
+    out = last_json(run_python(f"TMP = {str(tmp_path)!r}\n" + textwrap.dedent(NONFINITE_SCRIPT)))
+    for stage, r in out.items():
+        print(f"ZeRO-{stage} ({r['engine_optimizer']}): skipped step unchanged={r['skipped_unchanged']}, "
+              f"stopped step unchanged={r['stopped_unchanged']}, next step trains={r['next_step_changes']}")
+        assert r["skipped_unchanged"] and r["stopped_unchanged"] and r["next_step_changes"]
+        assert r["count"] == 2 and r["message"].startswith("step 4: non-finite loss or gradients")
+
+
+def test_spike_detector():
+    d = SpikeDetector(factor=2.0, patience=3, warmup=5)
+    warnings = [d.update(s, v) for s, v in enumerate([5, 5, 4.9, 4.8, 4.8, 4.7, 12, 13, 12, 11, 4.6, 30], 1)]
+    fired = [i + 1 for i, w in enumerate(warnings) if w]
+    print("spike warnings at steps", fired, "-", next(w for w in warnings if w))
+    assert fired == [9] and d.count == 1 and d.mean < 5  # the spike never entered the running mean
+    assert SpikeDetector(0.0, 1).update(1, 1e9) is None
+
+
+# ---------------------------------------------------------------- 3, 6, 7. saves that crash
+
+
+SAVE_POINTS = ["save.begin", "save.after_deepspeed", "save.after_rank_state", "save.before_report",
+               "save.after_report", "save.before_marker", "save.marker_partial", "save.after_marker",
+               "save.during_retention", "save.before_metrics_sync", "save.end"]
+# Points after which step 4's checkpoint is complete.
+AFTER_MARKER = {"save.after_marker", "save.during_retention", "save.before_metrics_sync", "save.end"}
+# Points at which step 4's files are in storage without the COMPLETE marker.
+IN_STORAGE_UNMARKED = {"save.after_report", "save.before_marker", "save.marker_partial"}
+EXIT_POINTS = ["save.after_deepspeed", "save.marker_partial", "save.during_retention"]
+LOCAL = ["train.max_steps=6", "train.ckpt_every=2", "train.keep_ckpts=1", "tracking.wandb=disabled"]
+
+SWEEP_SCRIPT = """
+import json, os, subprocess
+from pathlib import Path
+from conftest import debug_job
+from test_faults import LOCAL, snapshot_engine, same
+from ptm_dist import checkpoint as ck
+from ptm_dist.faults import InjectedFault
+from ptm_dist.train.local import run_local
+
+ref = snapshot_engine(run_local(debug_job(TMP, "run.name=ref", *LOCAL)).engine)
+out = {}
+
+def state_of(name):
+    run = f"{TMP}/{name}"
+    listing = ck.list_checkpoints(run)
+    return {"complete": [s for s, _, ok in listing if ok], "partial": [s for s, _, ok in listing if not ok],
+            "marker_tmp": os.path.exists(f"{run}/checkpoint_00000004/COMPLETE.tmp")}
+
+def resume(name):
+    latest = ck.latest_complete_checkpoint(f"{TMP}/{name}")
+    tr = run_local(debug_job(TMP, f"run.name={name}", *LOCAL))
+    return {"resumed_from": int(latest[-8:]), "equal_to_uninterrupted": same(ref, snapshot_engine(tr.engine))}
+
+for point in POINTS:
+    name = point.replace(".", "_")
+    os.environ["PTM_FAULT"] = point + ("" if point == "save.during_retention" else "@4") + ":raise"
+    try:
+        run_local(debug_job(TMP, f"run.name={name}", *LOCAL))
+        error = None
+    except InjectedFault as e:
+        error = str(e)
+    del os.environ["PTM_FAULT"]
+    out[point] = {"error": error, **state_of(name), **resume(name)}
+
+for point in EXITED:  # crashed with os._exit in their own processes before this one started
+    name = "exit_" + point.replace(".", "_")
+    out["exit:" + point] = {**state_of(name), **resume(name)}
+
+# disk full inside the COMPLETE marker write (injected ENOSPC, a real OSError in the write path)
+os.environ["PTM_FAULT"] = "save.marker_partial@4:enospc"
+try:
+    run_local(debug_job(TMP, "run.name=full", *LOCAL))
+except Exception as e:
+    err = e
+del os.environ["PTM_FAULT"]
+out["enospc"] = {"error": f"{type(err).__name__}: {err}", **state_of("full"), **resume("full")}
+
+# disk really full: the run directory on a tmpfs with room for about one and a half checkpoints
+def on_tiny_tmpfs(mnt):
+    try:
+        run_local(debug_job(mnt, "run.name=full", *LOCAL))
+        err = None
+    except Exception as e:
+        err = e
+    listing = ck.list_checkpoints(f"{mnt}/full")
+    from ptm_dist.train.local import local_trainer
+    tr = local_trainer(debug_job(mnt, "run.name=full", *LOCAL))
+    tr.restore(ck.latest_complete_checkpoint(f"{mnt}/full"))  # the earlier checkpoint still loads
+    return {"error": f"{type(err).__name__}: {err}", "complete": [s for s, _, ok in listing if ok],
+            "partial": [s for s, _, ok in listing if not ok], "restored_step": tr.step}
+
+if MOUNT:
+    ckpt_bytes = sum(f.stat().st_size for f in Path(f"{TMP}/ref/checkpoint_00000006").rglob("*") if f.is_file())
+    mnt = f"{TMP}/tmpfs"
+    os.makedirs(mnt)
+    size = (int(ckpt_bytes * 1.6) // 4096 + 1) * 4096
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], check=False).returncode == 0:
+        try:
+            out["tmpfs"] = {"size": size, "checkpoint_bytes": ckpt_bytes, **on_tiny_tmpfs(mnt)}
+        finally:
+            subprocess.run(["umount", mnt], check=False)
+print(json.dumps(out))
+"""
+
+
+def _can_mount() -> bool:
+    import shutil
+
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+def test_a_crash_anywhere_in_a_save_never_loses_the_newest_complete_checkpoint(tmp_path, cache_dir):
+    """Step 4's save (ckpt every 2 steps, keep_ckpts=1) fails at each of 11 points (an exception
+    in-process; os._exit for 3 of them): the newest complete checkpoint is step 2 before the
+    COMPLETE marker and step 4 after it, retention never removed it, a partial directory is
+    never chosen, and resuming ends bit-identical to the uninterrupted run. Then a full disk
+    (injected ENOSPC in the marker write, and a real tiny tmpfs when root may mount one)."""
+    for point in EXIT_POINTS:
+        name = "exit_" + point.replace(".", "_")
+        proc = run_python(f"""
+            from conftest import debug_job
+            from test_faults import LOCAL
+            from ptm_dist.train.local import run_local
+            run_local(debug_job({str(tmp_path)!r}, "run.name={name}", *LOCAL))
+        """, env={"PTM_FAULT": point + ("" if point == "save.during_retention" else "@4") + ":exit"})
+        assert proc.returncode == 3, proc.stderr[-3000:]
+    script = (f"TMP = {str(tmp_path)!r}\nPOINTS = {SAVE_POINTS!r}\nEXITED = {EXIT_POINTS!r}\n"
+              f"MOUNT = {_can_mount()!r}\n" + textwrap.dedent(SWEEP_SCRIPT))
+    out = last_json(run_python(script))
+    for key, r in out.items():
+        print(f"crash at {key}: complete {r.get('complete')}, partial {r.get('partial')}, "
+              f"resumed from {r.get('resumed_from', r.get('restored_step'))}, "
+              f"equal to uninterrupted: {r.get('equal_to_uninterrupted')}; {(r.get('error') or '')[:160]}")
+    for point in SAVE_POINTS + ["exit:" + p for p in EXIT_POINTS]:
+        r, bare = out[point], point.removeprefix("exit:")
+        want = 4 if bare in AFTER_MARKER else 2
+        assert r["resumed_from"] == want and r["complete"][-1] == want, (point, r)
+        assert r["equal_to_uninterrupted"], point
+        # a partial directory, where the save got as far as storage, was there and not used
+        assert r["partial"] == ([4] if bare in IN_STORAGE_UNMARKED else []), (point, r)
+    assert out["save.marker_partial"]["marker_tmp"] and out["exit:save.marker_partial"]["marker_tmp"]
+    full = out["enospc"]
+    assert full["error"].startswith("CheckpointWriteError: cannot write checkpoint ") and \
+        "No space left on device" in full["error"] and "checkpoint_00000002 is intact" in full["error"]
+    assert full["resumed_from"] == 2 and full["equal_to_uninterrupted"]
+    if "tmpfs" in out:
+        t = out["tmpfs"]
+        assert t["error"].startswith("CheckpointWriteError") and "No space left" in t["error"], t
+        assert t["complete"] and t["restored_step"] == t["complete"][-1]
+
+
+def test_an_unwritable_run_directory_gets_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, cache_dir):
+    """The run directory becomes unwritable after step 2's checkpoint (chmod for a normal user,
+    the immutable attribute for root): step 4's save fails with CheckpointWriteError naming the
+    checkpoint and the intact step-2 one; made writable again, the run resumes from step 2."""
+    proc = run_python(f"""
+        import json, os, subprocess
+        from conftest import debug_job
+        from test_faults import LOCAL
+        from ptm_dist.checkpoint import CheckpointWriteError
+        from ptm_dist.faults import InjectedFault
+        from ptm_dist.train.local import run_local
+        TMP = {str(tmp_path)!r}
+        cfg = debug_job(TMP, "run.name=ro", *LOCAL)
+        os.environ["PTM_FAULT"] = "train.step@3:raise"
+        try:
+            run_local(cfg)
+        except InjectedFault:
+            pass
+        del os.environ["PTM_FAULT"]
+        run = TMP + "/ro"
+        if os.geteuid() == 0:
+            lock = ["chattr", "+i", run]; unlock = ["chattr", "-i", run]
+        else:
+            lock = ["chmod", "555", run]; unlock = ["chmod", "755", run]
+        locked = subprocess.run(lock, capture_output=True).returncode == 0
+        try:
+            try:
+                run_local(cfg)
+                error = None
+            except CheckpointWriteError as e:
+                error = str(e)
+        finally:
+            subprocess.run(unlock, check=False)
+        tr = run_local(cfg)
+        print(json.dumps({{"locked": locked, "error": error, "final_step": tr.step}}))
+    """)
+    out = last_json(proc)
+    print("unwritable run directory:", out)
+    if not out["locked"]:
+        pytest.skip("cannot make a directory unwritable here (no chmod effect and no chattr)")
+    assert out["error"].startswith(f"cannot write checkpoint {tmp_path}/ro/checkpoint_00000004: ")
+    assert f"newest complete checkpoint {tmp_path}/ro/checkpoint_00000002 is intact" in out["error"]
+    assert "\n" not in out["error"] and out["final_step"] == 6
+
+
+def test_retention_never_deletes_the_only_complete_checkpoint_when_saves_fail(tmp_path):
+    """checkpoint.py level: keep=1 with failed (partial) saves after the only complete one."""
+    def make(step, complete):
+        d = tmp_path / ck.checkpoint_name(step)
+        (d / "ds").mkdir(parents=True)
+        (d / "ds" / "x.pt").write_text("x")
+        if complete:
+            ck.mark_complete(str(d), {"step": step})
+
+    make(2, True)
+    for step in (4, 6):
+        make(step, False)
+        gone = ck.apply_retention(str(tmp_path), keep=1)
+        assert gone == []
+    make(8, True)
+    gone = ck.apply_retention(str(tmp_path), keep=1)
+    left = [s for s, _, ok in ck.list_checkpoints(str(tmp_path)) if ok]
+    print("retention after failed saves 4, 6 and a complete 8: deleted", [Path(g).name for g in gone],
+          "complete left", left)
+    assert left == [8] and sorted(Path(g).name for g in gone) == [
+        "checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
