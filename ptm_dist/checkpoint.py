@@ -51,15 +51,19 @@ def is_checkpoint_dir(path: str) -> bool:
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (unwritable or full storage); earlier ones are untouched."""
 
-    def __init__(self, target: str, error: OSError):
-        run_dir = target.rsplit("/", 1)[0]
+    def __init__(self, target: str, error: OSError, *, run_dir: str | None = None):
+        """``target``: the checkpoint directory, or with ``run_dir`` given, what in the run
+        directory could not be written."""
         try:
-            newest = latest_complete_checkpoint(run_dir)
+            newest = latest_complete_checkpoint(run_dir or target.rsplit("/", 1)[0])
         except OSError:
             newest = None
         kept = f"newest complete checkpoint {newest} is intact" if newest else "no earlier complete checkpoint"
-        super().__init__(f"cannot write checkpoint {target}: {error}; it is left incomplete and "
-                         f"will not be used; {kept}")
+        if run_dir:
+            super().__init__(f"cannot write to run directory {run_dir}: {error}; {kept}")
+        else:
+            super().__init__(f"cannot write checkpoint {target}: {error}; it is left incomplete and "
+                             f"will not be used; {kept}")
 
 
 def mark_complete(ckpt_dir: str, meta: dict, fault_step: int | None = None) -> None:

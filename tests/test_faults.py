@@ -532,6 +532,58 @@ def test_an_unwritable_run_directory_gets_a_clear_error_and_keeps_earlier_checkp
     assert "\n" not in out["error"] and out["final_step"] == 6
 
 
+def _lock_dir(path) -> tuple[list[str], list[str]] | None:
+    """Commands that make a directory unwritable and writable again (None if nothing can)."""
+    import shutil
+
+    if os.geteuid() == 0:  # root writes through chmod; the immutable attribute stops it
+        cmds = (["chattr", "+i", str(path)], ["chattr", "-i", str(path)])
+    else:
+        cmds = (["chmod", "555", str(path)], ["chmod", "755", str(path)])
+    return cmds if shutil.which(cmds[0][0]) else None
+
+
+def test_a_run_directory_made_unwritable_mid_run_on_ray_stops_with_one_line(tmp_path, ray_session):
+    """After step 10's checkpoint the run directory becomes unwritable: Ray Train's own write
+    there fails, and the run stops with one line naming the directory and the intact step-10
+    checkpoint, which still loads (the same job resumes from it once writable again)."""
+    import threading
+
+    run_dir = tmp_path / "lockme"
+    cmds = _lock_dir(run_dir)
+    if cmds is None:
+        pytest.skip("no way to make a directory unwritable here")
+    state = {}
+
+    def lock_after_first_checkpoint():
+        deadline = time.time() + 600
+        while not (run_dir / "checkpoint_00000010" / "COMPLETE").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        state["locked"] = subprocess.run(cmds[0], capture_output=True, check=False).returncode == 0
+
+    cfg = debug_job(tmp_path, "run.name=lockme", "train.max_steps=20", "train.ckpt_every=10",
+                    "train.eval_every=20", "train.max_failures=0", "tracking.wandb=disabled")
+    locker = threading.Thread(target=lock_after_first_checkpoint, daemon=True)
+    locker.start()
+    try:
+        with pytest.raises(Exception) as err:
+            pretrain(cfg)
+    finally:
+        locker.join(5)
+        subprocess.run(cmds[1], capture_output=True, check=False)
+    if not state.get("locked"):
+        pytest.skip("could not lock the run directory")
+    line = _user_error(err.value)
+    print("run directory unwritable mid-run (Ray):", line)
+    assert line is not None and "\n" not in line
+    assert line.startswith((f"cannot write to run directory {run_dir}: ",
+                            f"cannot write checkpoint {run_dir}/checkpoint_00000020: "))
+    assert line.endswith(f"newest complete checkpoint {run_dir}/checkpoint_00000010 is intact")
+    assert ck.latest_complete_checkpoint(str(run_dir)).endswith("checkpoint_00000010")
+    pretrain(cfg)  # writable again: resumes from step 10 and finishes
+    assert [m["step"] for m in read_lines(run_dir) if "resumed_from" in m] == [10]
+
+
 def test_retention_never_deletes_the_only_complete_checkpoint_when_saves_fail(tmp_path):
     """checkpoint.py level: keep=1 with failed (partial) saves after the only complete one."""
     def make(step, complete):

@@ -188,6 +188,9 @@ def pretrain(cfg: JobConfig) -> str:
         with follower:
             trainer.fit()
     except ray.train.TrainingFailedError as e:
+        failure = getattr(e, "controller_failure", None)
+        if isinstance(failure, OSError):  # Ray Train's own writes to an unwritable or full run dir
+            raise ckpt_lib.CheckpointWriteError(run_dir, failure, run_dir=run_dir) from e
         message = worker_failure_message(e, cfg.train.max_failures, run_dir)
         if message is None:
             raise
