@@ -380,7 +380,10 @@ def sweep_report(sweep_dir: str, out: Path) -> None:
                              ["scheduler", str(sweep.get("scheduler", "?"))],
                              ["trials", f"{len(rows)} of {sweep.get('num_samples', len(rows))}"]]), ""]
     if sweep.get("space"):
-        md += ["Search space:", "", "```json", json.dumps(sweep["space"], indent=2), "```", ""]
+        md += ["Search space:", "",
+               *_table(["hyperparameter", "distribution"],
+                       [[k, " ".join(f"{d} {json.dumps(v)}" for d, v in spec.items()) if isinstance(spec, dict)
+                         else json.dumps(spec)] for k, spec in sweep["space"].items()]), ""]
     if best:
         md += ["## Best trial", "",
                f"`{best.get('trial_id')}`: {best.get('metric', metric)} = {_fmt(best.get('value'))}", ""]
