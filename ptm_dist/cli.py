@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ends with sweep_dir: <path>.", epilog=_EPILOG)
     _job_args(p)
     p = sub.add_parser("prepare", help="build the corpus shard lists and train the tokenizer",
-                       description="Find the job's shards, build the built-in corpus if used, train the tokenizer.")
+                       description="Find the job's shards, build the built-in corpus if used, train the tokenizer "
+                       "(sampling shards with Ray tasks); with --tokens also tokenize and pack the corpus into "
+                       "token shards that `ptm pretrain` reads without tokenizing.")
     _job_args(p)
+    p.add_argument("--tokens", metavar="DIR", help="write token shards (and index.json) here: a directory or URI")
     p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint",
                        description="Export the newest complete checkpoint of a run (or a given checkpoint).")
     p.add_argument("src", help="run directory or checkpoint directory")
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipeline's read + tokenize + pack throughput on the same shards.")
     _job_args(b)
     b.add_argument("--max-shards", type=int, help="use only the first N training shards")
+    b.add_argument("--scale", type=int, default=1, metavar="N",
+                   help="repeat each (local jsonl/txt) shard N times: a corpus N times larger (default 1)")
+    b.add_argument("--memory", action="store_true",
+                   help="also stream the unscaled corpus and compare peak memory (use with --scale)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     p = sub.add_parser("plan", help="memory per ZeRO stage, recommended stage, time and GPU-hours",
                        description="Estimate per-GPU memory for each ZeRO stage and offload choice, "
@@ -127,13 +134,38 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_prepare(args) -> None:
+    import ray
+
     from ptm_dist.config import load
     from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.progress import Progress, human
+    from ptm_dist.train.pretrain import connect_ray
 
-    data = prepare_data(load(args.job, args.overrides))
-    print(f"training shards: {len(data.train)}")
-    print(f"held-out shards: {len(data.val)}")
-    print(f"tokenizer: {data.tokenizer_dir}")
+    cfg = load(args.job, args.overrides)
+    owns_ray = connect_ray(cfg)  # the tokenizer sample and the token shards are read by Ray tasks
+    try:
+        data = prepare_data(cfg)
+        print(f"training shards: {len(data.train)}")
+        print(f"held-out shards: {len(data.val)}")
+        print(f"tokenizer: {data.tokenizer_dir}")
+        if args.tokens:
+            from ptm_dist.data.prepare import write_tokens
+
+            total = len(data.train) + len(data.val)
+            with Progress(total=total, desc="tokenize", unit="shard", plain_interval=10.0) as bar:
+                def progress(done: int, total: int, documents: int, tokens: int, seconds: float) -> None:
+                    bar.update(done, docs=human(documents), tokens=human(tokens),
+                               tok_s=human(tokens / max(seconds, 1e-9)))
+
+                index = write_tokens(cfg, data, args.tokens, progress)
+            n_train = sum(e["tokens"] for e in index["train"])
+            n_val = sum(e["tokens"] for e in index["val"])
+            print(f"token shards: {len(index['train'])} train ({n_train:,} tokens), {len(index['val'])} held-out "
+                  f"({n_val:,} tokens), {index['dtype']}, seq_len {index['seq_len']}")
+            print(f"use them with: data.sources: [{{path: {args.tokens}, format: tokens}}]")
+    finally:
+        if owns_ray:
+            ray.shutdown()
 
 
 def cmd_export(args) -> None:
@@ -154,9 +186,14 @@ def cmd_bench(args) -> None:
     if args.bench == "data":
         from ptm_dist.bench import bench_data
 
-        report = bench_data(load(args.job, args.overrides), args.max_shards)
+        report = bench_data(load(args.job, args.overrides), args.max_shards, args.scale, args.memory)
         print(f"raw tokenizers: {report['raw_tokens_per_s']:,.0f} tokens/s; pipeline: "
-              f"{report['pipeline_tokens_per_s']:,.0f} tokens/s; ratio {report['ratio']:.3f}")
+              f"{report['pipeline_tokens_per_s']:,.0f} tokens/s (cold start: "
+              f"{report['pipeline_cold_tokens_per_s']:,.0f}); ratio {report['ratio']:.3f}")
+        if args.memory:
+            print(f"peak memory (this process + Ray workers): {report['peak_mem_bytes_1x'] / 2**20:,.0f} MiB "
+                  f"at 1x, {report['peak_mem_bytes'] / 2**20:,.0f} MiB at {args.scale}x "
+                  f"({report['memory_growth']:+.1%})")
     else:
         report = bench_train(load(args.job, args.overrides), args.steps, args.warmup, args.search_micro_batch)
         print(format_report(report))

@@ -79,12 +79,17 @@ class SourceSection(_Section):
         description="'builtin' (the corpus built from Python's own documentation), a local "
         "directory, file or glob, or a URI (s3://, gs://, file://).",
     )
-    format: Literal["auto", "jsonl", "parquet", "txt", "hf"] = Field(
+    format: Literal["auto", "jsonl", "parquet", "txt", "hf", "tokens"] = Field(
         "auto",
         description="Shard format; auto picks it from the file extension (a directory written by "
-        "datasets' save_to_disk is read as hf).",
+        "datasets' save_to_disk is read as hf, one written by `ptm prepare --tokens` as tokens).",
     )
     text_column: str = Field("text", description="Column (jsonl key) holding the document text.")
+    weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Times each shard of this source is read per epoch, on average: 2 upsamples it, "
+        "0.5 reads a different half of its shards each epoch. Sets the mix between sources.",
+    )
 
 
 class TokenizerSection(_Section):
@@ -123,6 +128,16 @@ class DataSection(_Section):
     )
     read_concurrency: int = Field(
         2, ge=1, description="Shards read, tokenized and packed in parallel per worker stream."
+    )
+    shuffle_window: int = Field(
+        1024, ge=1,
+        description="Sequences shuffled together (seeded by run.seed) after the shard order is "
+        "shuffled; memory grows with it. 1: no shuffle within shards.",
+    )
+    log_sequence_ids: bool = Field(
+        False,
+        description="Write the ids of every step's sequences to <run_dir>/sequence_ids/rank<r>.jsonl "
+        "(find the data behind a loss spike; audit exactly-once resume). Local run directories only.",
     )
 
     @field_validator("sources")

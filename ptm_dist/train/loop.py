@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import faults, models, storage
 from ptm_dist.config import JobConfig
+from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.data.sources import Shard
 from ptm_dist.engine import ds_config, initialize, manual_clip
@@ -89,7 +90,7 @@ class Trainer:
         self.stream = SequenceStream(
             shards, config["tokenizer_json"], cfg.data.seq_len, special["eos"], cfg.run.seed,
             rank, world, cfg.data.read_concurrency, use_ray=config.get("use_ray_data", True),
-            max_bad_shards=cfg.data.max_bad_shards,
+            max_bad_shards=cfg.data.max_bad_shards, shuffle_window=cfg.data.shuffle_window,
         )
         _, val = take_sequences(
             [Shard(**s) for s in config["val_shards"]], config["tokenizer_json"],
@@ -100,6 +101,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nodes: list[str] = []  # Ray node id of each rank (recorded in checkpoints)
+        self.seq_log = None  # data.log_sequence_ids: opened by train_loop once restored
+        self.batch_seqs: list[tuple[int, int]] = []  # (epoch, id) of the last step's sequences
         self.nonfinite_skipped = 0  # steps dropped for a non-finite loss or gradient
         self.last_step_applied = True
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_patience)
@@ -165,8 +168,13 @@ class Trainer:
     def next_micro_batches(self, it) -> tuple[list[torch.Tensor], float]:
         t0 = time.perf_counter()
         mbs = []
+        self.batch_seqs = []
         for _ in range(self.cfg.train.grad_accum):
-            rows = [next(it)[1] for _ in range(self.cfg.train.micro_batch)]
+            rows = []
+            for _ in range(self.cfg.train.micro_batch):
+                seq_id, tokens = next(it)
+                rows.append(tokens)
+                self.batch_seqs.append((self.stream.position.epoch, seq_id))
             mbs.append(torch.as_tensor(np.stack(rows), dtype=torch.long).to(self.device, non_blocking=True))
         return mbs, time.perf_counter() - t0
 
@@ -189,6 +197,8 @@ class Trainer:
         loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer, poison)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        if self.seq_log is not None:
+            self.seq_log.write(self.step, self.batch_seqs)
         # DeepSpeed engines already waited for the device to decide this (the same on every
         # rank: it comes from the all-reduced gradient norm); no extra sync.
         self.last_step_applied = getattr(self.engine, "was_step_applied", lambda: True)()
@@ -322,6 +332,8 @@ def _train_loop(config: dict) -> None:
         tr.restore(resume)
         if rank == 0:
             print(f"[ptm] resumed from {resume} at step {tr.step}", flush=True)
+    if cfg.data.log_sequence_ids:
+        tr.seq_log = SequenceLog(tr.run_dir, rank, tr.step)
     if dist.is_initialized():
         dist.barrier()  # every rank has read the checkpoint before rank 0 tidies the directory
     log = None
@@ -413,6 +425,8 @@ def _train_loop(config: dict) -> None:
         tr.tracker.summary({"n_params": tr.n_params, "world_size": world, "precision": tr.precision,
                             "device": device_name(device), "tokens_seen": tr.tokens_seen})
         tr.tracker.finish()
+    if tr.seq_log is not None:
+        tr.seq_log.close()
 
 
 def device_name(device: torch.device) -> str:

@@ -149,10 +149,10 @@ def pretrain(cfg: JobConfig) -> str:
     run_dir = choose_run_dir(cfg)
     check_resumable(cfg, run_dir)
     t0 = time.time()
-    data = prepare_data(cfg)
+    owns_ray = connect_ray(cfg)
+    data = prepare_data(cfg)  # after Ray is up: a tokenizer still to train samples shards with Ray tasks
     print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}")
-    owns_ray = connect_ray(cfg)
     gpu = use_gpu(cfg)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
     forget_ray_checkpoint_index(run_dir)
