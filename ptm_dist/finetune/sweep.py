@@ -62,11 +62,10 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
         run_in_trial(wc)
         return
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.train.torch import TorchConfig
 
     gpu = info["use_gpu"]
-    trainer = TorchTrainer(
+    trainer = _trial_trainer_class()(
         finetune_worker,
         train_loop_config=wc,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -77,12 +76,91 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
         # Same name and storage when Tune restarts the trial: Ray Train resumes from its last
         # checkpoint (ray.train.get_checkpoint in the workers).
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str(out), callbacks=[TuneReportCallback()],
+            name="train", storage_path=str(out),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    relay_epochs(trainer, out)
+
+
+def _trial_trainer_class():
+    """TorchTrainer that keeps a handle on its Ray Train controller actor.
+
+    A trial the scheduler stops must end its Ray Train job at once: left alone, the job of a
+    stopped trial outlives it and holds its workers' resources (the next trial's job then waits
+    for them in vain). Ray Train V2 does not expose the controller, so this repeats
+    DataParallelTrainer._initialize_and_run_controller (Ray 2.60) and keeps it.
+    """
+    import ray
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        get_env_vars_to_propagate,
+    )
+    from ray.train.v2._internal.execution.controller import TrainController
+
+    class TrialTorchTrainer(TorchTrainer):
+        controller = None
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            env_vars = get_env_vars_to_propagate()
+            env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+            cls = ray.remote(
+                num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+                runtime_env={"env_vars": env_vars},
+            )(TrainController)
+            self.controller = cls.remote(**controller_init_kwargs)
+            ray.get(self.controller.run.remote())
+            return ray.get(self.controller.get_result.remote())
+
+    return TrialTorchTrainer
+
+
+def relay_epochs(trainer, out: Path) -> None:
+    """Run a trial's Ray Train job and hand each epoch's line of its metrics.jsonl to Tune.
+
+    When the scheduler stops the trial (ray.tune.report raises SystemExit in the trial), the
+    trial's Ray Train controller is killed, which ends its workers (their last epoch's
+    checkpoint is already in storage) and frees their resources for the next trial.
+    """
+    import threading
+
+    import ray
+    import ray.tune
+
+    from ptm_dist.finetune.worker import read_epochs
+
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
+            failure.append(e)
+
+    seen = len(read_epochs(str(out)))  # epochs Tune already has from before a restart
+    thread = threading.Thread(target=fit, name="ptm-trial-train", daemon=True)
+    thread.start()
+    try:
+        while True:
+            alive = thread.is_alive()
+            epochs = read_epochs(str(out))
+            for record in epochs[seen:]:
+                ray.tune.report(record)
+            seen = max(seen, len(epochs))
+            if not alive:
+                break
+            thread.join(timeout=0.5)
+    finally:
+        if thread.is_alive() and trainer.controller is not None:
+            ray.kill(trainer.controller)
+            thread.join(timeout=60)
+            failure.clear()  # the job ended because it was stopped, not because it failed
+    if failure:
+        raise failure[0]
 
 
 def _scheduler(cfg: JobConfig, space: dict):
@@ -163,7 +241,9 @@ def tune(cfg: JobConfig) -> str:
         if cfg.tune.num_workers == 1:
             trial_resources = info["resources"]
         else:
-            trial_resources = {"CPU": 0}  # the trial only drives its Ray Train job's workers
+            # The trial only drives its Ray Train job (whose workers hold their own resources);
+            # Ray Tune needs a non-empty request, so it asks for a sliver of a CPU.
+            trial_resources = {"CPU": 0.1}
         trainable = rt.with_resources(trainable, {k.lower() if k in ("CPU", "GPU") else k: v
                                                   for k, v in trial_resources.items()})
         experiment = str(Path(sweep_dir) / "tune")

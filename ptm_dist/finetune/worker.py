@@ -135,7 +135,9 @@ def read_epochs(out_dir: str) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    # A line still being appended (no newline yet) is left for the next read.
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(ln) for ln in complete if ln.strip()]
 
 
 def better(value: float, best: float | None, mode: str) -> bool:
@@ -286,6 +288,10 @@ class FinetuneRun:
 class TrainReporter:
     """Inside a Ray Train worker: checkpoints and metrics through ray.train."""
 
+    # The metrics line is written once the epoch's checkpoint is in storage: a multi-worker
+    # trial hands the line to its scheduler, which may end the trial's job right away.
+    log_first = False
+
     def checkpoint(self):
         import ray.train
 
@@ -300,6 +306,9 @@ class TrainReporter:
 
 class TuneReporter:
     """A trial trained in the Tune trial's own process: checkpoints and metrics through ray.tune."""
+
+    # ray.tune.report does not return when the scheduler stops the trial: write the line first.
+    log_first = True
 
     def checkpoint(self):
         import ray.tune
@@ -340,7 +349,7 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
             run.best, run.best_epoch = record[metric], run.epoch
             run.export_best(out_dir)
         record["best"] = run.best
-        if log is not None:
+        if log is not None and reporter.log_first:
             log.write(record)
         tmp = Path(tempfile.mkdtemp(prefix=f"ptm-ft-epoch{run.epoch}-rank{rank}-"))
         try:
@@ -348,6 +357,8 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
             reporter.report(record, str(tmp), run.epoch)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if log is not None and not reporter.log_first:
+            log.write(record)
 
 
 def finetune_worker(config: dict) -> None:

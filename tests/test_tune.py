@@ -1,0 +1,181 @@
+"""Sweeps: search-space parsing and its errors, a sweep end to end (real Ray Tune, ASHA, real
+DeepSpeed in every trial), and a sweep killed mid-way and resumed with the same command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import debug_job
+from ft_helpers import make_start, plain_transformers_accuracy, start_overrides
+
+from ptm_dist.config import ConfigError, load
+from ptm_dist.finetune.space import parse_space, to_tune
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_space_parsing_flat_and_nested():
+    space = parse_space({
+        "finetune.lr": {"loguniform": [1e-4, 1e-2]},
+        "finetune": {"batch_size": {"choice": [8, 16]}, "weight_decay": {"uniform": [0, 0.1]}},
+        "run.seed": {"randint": [0, 10]},
+        "finetune.warmup_ratio": {"grid": [0.0, 0.1]},
+    })
+    assert space == {
+        "finetune.lr": {"loguniform": [1e-4, 1e-2]},
+        "finetune.batch_size": {"choice": [8, 16]},
+        "finetune.weight_decay": {"uniform": [0.0, 0.1]},
+        "run.seed": {"randint": [0, 10]},
+        "finetune.warmup_ratio": {"grid": [0.0, 0.1]},
+    }
+    domains = to_tune(space)
+    assert domains["finetune.warmup_ratio"] == {"grid_search": [0.0, 0.1]}
+    assert domains["finetune.lr"].lower == 1e-4 and domains["finetune.lr"].upper == 1e-2
+    assert domains["finetune.batch_size"].categories == [8, 16]
+    # --set with a dotted key under tune.space gives the nested form
+    cfg = load(None, ["tune.space.finetune.lr={loguniform: [0.0001, 0.01]}"])
+    assert cfg.tune.space == {"finetune.lr": {"loguniform": [0.0001, 0.01]}}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("tune.space.finetune.lr={logunif: [1e-4, 1e-2]}",
+     "tune.space: finetune.lr: unknown distribution 'logunif'; allowed: uniform, loguniform, choice, randint, grid"),
+    ("tune.space.finetune.lr={loguniform: [0, 0.1]}", "tune.space: finetune.lr: loguniform needs low > 0"),
+    ("tune.space.finetune.lr={uniform: [0.1, 0.01]}", "tune.space: finetune.lr: uniform needs low < high"),
+    ("tune.space.finetune.lr={uniform: [0.1]}", "tune.space: finetune.lr: uniform needs [low, high]"),
+    ("tune.space.finetune.lr={uniform: [a, 1]}", "tune.space: finetune.lr: uniform bound must be a number"),
+    ("tune.space.run.seed={randint: [0, 2.5]}", "tune.space: run.seed: randint needs integer bounds"),
+    ("tune.space.finetune.lr={choice: []}", "tune.space: finetune.lr: choice needs a non-empty list"),
+    ("tune.space.finetune.lr=0.1", "tune.space: finetune.lr: expected one distribution"),
+    ("tune.space.finetune.data={choice: [a.csv]}", "tune.space: finetune.data: cannot be swept; allowed keys:"),
+    ("tune.space.finetune.batch_size={choice: [0, 8]}",
+     "tune.space: finetune.batch_size: value 0 is not allowed: Input should be greater than or equal to 1"),
+    ("tune.space={}", "tune.space: empty"),
+    ("tune.scheduler=hyperband", "tune.scheduler = 'hyperband': Input should be 'asha', 'pbt' or 'fifo'"),
+    ("tune.metric=acc", "tune.metric = 'acc'"),
+])
+def test_space_errors_are_one_line(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg and expected in msg, msg
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["tune.scheduler=pbt", "tune.num_workers=2"], "pbt needs tune.num_workers 1"),
+    (["tune.search=optuna", "tune.space.finetune.lr={grid: [0.1, 0.2]}"], "optuna cannot expand grid entries"),
+    (["tune.metric=eval_loss"], "eval_loss needs tune.mode min"),
+])
+def test_tune_section_errors(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load(None, overrides)
+
+
+def test_optuna_missing_is_a_one_line_error():
+    pytest.importorskip("ray.tune.search.optuna")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        from ptm_dist.finetune.sweep import _search
+
+        with pytest.raises(ConfigError, match="needs the optuna package: pip install optuna"):
+            _search(load(None, ["tune.search=optuna"]))
+    else:
+        pytest.skip("optuna is installed")
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_end_to_end(tmp_path_factory, tmp_path, ray_session, capsys):
+    """4 trials (a grid over lr, 2 samples of batch size each), ASHA, 3 epochs, 2 at a time."""
+    from ptm_dist.finetune.sweep import tune
+
+    start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
+    cfg = debug_job(tmp_path, *start_overrides(start, tmp_path), "finetune.epochs=3",
+                    "tune.space={finetune.lr: {grid: [0.0003, 0.01]}, finetune.batch_size: {choice: [8, 16]}}",
+                    "tune.num_samples=2", "tune.max_concurrent=2")
+    sweep_dir = Path(tune(cfg))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"sweep_dir: {sweep_dir}"
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert {k: sweep[k] for k in ("metric", "mode", "scheduler", "search", "num_samples")} == {
+        "metric": "accuracy", "mode": "max", "scheduler": "asha", "search": "random", "num_samples": 2}
+    rows = _csv(sweep_dir / "trials.csv")
+    assert list(rows[0]) == ["trial_id", "status", "epochs", "accuracy", "finetune.lr", "finetune.batch_size"]
+    assert sorted(float(r["finetune.lr"]) for r in rows) == [0.0003, 0.0003, 0.01, 0.01]
+    for r in rows:
+        trial = sweep_dir / "trials" / r["trial_id"]
+        epochs = [json.loads(ln) for ln in (trial / "metrics.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in epochs] == list(range(1, int(r["epochs"]) + 1))
+        assert r["status"] == ("done" if int(r["epochs"]) == 3 else "stopped early")
+        assert float(r["accuracy"]) == max(e["accuracy"] for e in epochs)
+        assert json.loads((trial / "params.json").read_text()) == {
+            "finetune.batch_size": int(r["finetune.batch_size"]), "finetune.lr": float(r["finetune.lr"])}
+    assert any(ln.startswith("trials: 4; epochs run: ") for ln in out)
+    best = json.loads((sweep_dir / "best.json").read_text())
+    top = max(rows, key=lambda r: float(r["accuracy"]))
+    assert best["metric"] == "accuracy" and best["value"] == float(top["accuracy"])
+    assert best["config"] == {"finetune.lr": float(top["finetune.lr"]), "finetune.batch_size": int(top["finetune.batch_size"])}
+    acc = plain_transformers_accuracy(sweep_dir / "best", start["val"])
+    assert abs(acc - best["value"]) <= 0.005, (acc, best["value"])
+
+
+def _trial_epochs(sweep_dir: Path) -> dict[str, int]:
+    out = {}
+    for m in (sweep_dir / "trials").glob("*/metrics.jsonl"):
+        out[m.parent.name] = len([ln for ln in m.read_text().splitlines() if ln.strip()])
+    return out
+
+
+def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
+    """`ptm tune` is killed (SIGKILL, whole process group) after one trial finished and another
+    has started; the same command resumes: finished trials are not run again, the interrupted
+    trial continues from its last epoch checkpoint, and the sweep completes."""
+    start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
+    sets = [*start_overrides(start, tmp_path), "finetune.epochs=3", "tune.scheduler=fifo", "tune.num_samples=3",
+            "tune.max_concurrent=1", "tune.space={finetune.lr: {loguniform: [0.001, 0.01]}}"]
+    cmd = [sys.executable, "-m", "ptm_dist.cli", "tune", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "PTM_DIST_CACHE": str(cache_dir), "PYTHONPATH": str(REPO)}
+    sweep_dir = tmp_path / "tune"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            counts = sorted(_trial_epochs(sweep_dir).values()) if sweep_dir.exists() else []
+            if len(counts) >= 2 and counts[-1] == 3 and 1 <= counts[0] < 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _trial_epochs(sweep_dir)
+    done = [t for t, n in before.items() if n == 3]
+    finished_mtime = {t: (sweep_dir / "trials" / t / "best" / "model.safetensors").stat().st_mtime_ns for t in done}
+    second = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    lines = second.stdout.strip().splitlines()
+    assert lines[-1] == f"sweep_dir: {sweep_dir}"
+    text = second.stdout + second.stderr
+    assert "resuming the sweep" in text
+    assert "resumed after epoch" in text  # the interrupted trial continued from its checkpoint
+    after = _trial_epochs(sweep_dir)
+    assert len(after) == 3 and set(after.values()) == {3}, after
+    for t in done:  # finished before the kill: not trained again
+        assert (sweep_dir / "trials" / t / "best" / "model.safetensors").stat().st_mtime_ns == finished_mtime[t]
+    for t in after:
+        epochs = [json.loads(ln)["epoch"] for ln in (sweep_dir / "trials" / t / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2, 3]
+    rows = _csv(sweep_dir / "trials.csv")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
