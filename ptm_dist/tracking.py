@@ -232,6 +232,19 @@ class Tracker:
         return f"wandb: {self.run.url}"
 
 
+def start_finetune(cfg, out_dir: str, trial_id: str | None = None) -> Tracker:
+    """The wandb run of a fine-tuning run, or of one sweep trial: its hyperparameters
+    (``params.json``) as config, grouped by sweep (``<sweep_dir>/trials/<trial_id>``)."""
+    if not trial_id:
+        return Tracker.start(cfg, out_dir, job_type="finetune", config={"job": cfg.to_dict()},
+                             name=cfg.finetune.name)
+    params_path = storage.join(out_dir, "params.json")
+    params = json.loads(storage.read_text(params_path)) if storage.exists(params_path) else {}
+    sweep_name = out_dir.rstrip("/").rsplit("/", 3)[-3]
+    return Tracker.start(cfg, out_dir, job_type="tune-trial", config={**params, "job": cfg.to_dict()},
+                         group=cfg.tracking.group or sweep_name, name=trial_id)
+
+
 def summary_line(run_dir: str) -> str | None:
     """'wandb: ...' for a job's summary: the run id and, for offline runs, how to upload them."""
     path = storage.join(run_dir, RUN_ID_FILE)
@@ -266,6 +279,8 @@ def log_sweep(cfg, sweep_dir: str, group: str | None = None) -> Tracker:
 
 
 def _cell(text: str):
+    if "_" in text:  # int() and float() accept digit separators: trial ids like 71002_00000
+        return text
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,52 @@ def test_object_storage_run_dir_gets_its_offline_run_uploaded(tmp_path, s3_endpo
     pafs.copy_files(path, str(down / "wandb"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     (records,) = offline_runs(down).values()
     assert [h["loss"] for h in history(records)] == [2.5]
+
+
+def test_a_real_sweep_logs_grouped_trial_runs_and_its_summary(tmp_path_factory, tmp_path, cache_dir):
+    """`ptm tune` (2 trials, 1 worker each, ASHA may stop one after epoch 1, wandb offline, fake
+    key planted): every trial is its own wandb run in the sweep's group with its hyperparameters
+    as config, the sweep's summary run holds the trials table, and no file holds the key."""
+    from conftest import DEBUG_OVERRIDES
+    from ft_helpers import make_start, start_overrides
+
+    from ptm_dist.report import report
+
+    start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
+    sets = [*DEBUG_OVERRIDES, *start_overrides(start, tmp_path), "finetune.epochs=2", "tune.name=sweep-x",
+            "tune.space={finetune.lr: {loguniform: [0.0003, 0.01]}}", "tune.num_samples=2",
+            "tune.num_workers=1", "tune.max_concurrent=2", "tracking.wandb=offline"]
+    env = dict(os.environ, WANDB_API_KEY=FAKE_WANDB_KEY)
+    for key in ("RAY_ADDRESS", "WANDB_MODE", "WANDB_DIR"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "ptm_dist.cli", "tune", *[a for s in sets for a in ("--set", s)]],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = tmp_path / "sweep-x"
+    trials = sorted(p for p in (sweep / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 2
+    ids = set()
+    for trial in trials:
+        # A trial's run is closed before each report to Tune (which may end the trial) and
+        # continued with the same id next epoch: one offline session per epoch, one run.
+        sessions = offline_runs(trial).values()
+        runs = [r for records in sessions for r in of_type(records, "run")]
+        assert len(runs) == len(read_lines(trial)) and len({r["run_id"] for r in runs}) == 1
+        for run in runs:
+            assert (run["run_group"], run["job_type"], run["display_name"]) == ("sweep-x", "tune-trial", trial.name)
+            config = run["config"]["update"]
+            params = json.loads((trial / "params.json").read_text())
+            assert {k: config[k] for k in params} == params and config["job"]["finetune"]["epochs"] == 2
+        logged = [h["accuracy"] for records in sessions for h in history(records)]
+        assert logged == [m["accuracy"] for m in read_lines(trial)]
+        ids.add(runs[0]["run_id"])
+    assert len(ids) == 2  # separate runs
+    (records,) = offline_runs(sweep).values()
+    (run,) = of_type(records, "run")
+    assert (run["run_group"], run["job_type"]) == ("sweep-x", "sweep")
+    (table,) = (sweep / "wandb").rglob("trials_*.table.json")
+    assert sorted(r[0] for r in json.loads(table.read_text())["data"]) == [t.name for t in trials]
+    key = FAKE_WANDB_KEY.encode()
+    assert [str(p) for p in sweep.rglob("*") if p.is_file() and key in p.read_bytes()] == []
+    out = Path(report(str(sweep)))
+    assert {"metric_per_trial.png", "hp_finetune_lr.png"} <= {p.name for p in out.glob("*.png")}

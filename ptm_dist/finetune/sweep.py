@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ptm_dist import storage
+from ptm_dist import storage, tracking
 from ptm_dist.config import ConfigError, JobConfig, apply_override
 from ptm_dist.finetune.run import (
     LOG_PREFIX,
@@ -273,6 +273,7 @@ def tune(cfg: JobConfig) -> str:
         if owns_ray:
             ray.shutdown()
     summary = summarize(sweep_dir, cfg, errors)
+    tracking.log_sweep(cfg, sweep_dir)  # best trial and trials table, in the trials' wandb group
     print_summary(summary, info, cfg, time.time() - t0)
     for trial_id, err in errors.items():
         print(f"{LOG_PREFIX} trial {trial_id} failed: {str(err).strip().splitlines()[-1]}", flush=True)

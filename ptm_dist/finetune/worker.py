@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ptm_dist.config import JobConfig
 from ptm_dist.engine import initialize, manual_clip
+from ptm_dist.tracking import Tracker, start_finetune
 from ptm_dist.train.loop import rng_state, set_rng_state
 
 CKPT_TAG = "ds"
@@ -122,10 +123,12 @@ class EpochLog:
         keep = [ln for ln in old if ln.strip() and json.loads(ln).get("epoch", 0) <= resume_epoch]
         self.path.write_text("".join(ln + "\n" for ln in keep))
         self.prefix = prefix
+        self.tracker = Tracker()  # the run's (or trial's) wandb run, started by run_epochs
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log(record, step=record["epoch"])
         print(f"{self.prefix} epoch {record['epoch']}: loss {record['loss']:.4f} eval_loss "
               f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} f1_macro {record['f1_macro']:.4f}",
               flush=True)
@@ -339,6 +342,8 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
               f"{len(run.labels)} labels, {world} worker(s), ZeRO-{cfg.zero.stage}, {run.precision}, "
               f"{run.steps_per_epoch} steps per epoch", flush=True)
     while run.epoch < cfg.finetune.epochs:
+        if log is not None and not log.tracker.enabled:
+            log.tracker = start_finetune(cfg, out_dir, config.get("trial_id"))
         t0 = time.perf_counter()
         loss = run.train_epoch()
         run.epoch += 1
@@ -351,6 +356,9 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
         record["best"] = run.best
         if log is not None and reporter.log_first:
             log.write(record)
+            # wandb writes its file in the background; the trial may end inside report(), so
+            # the run is closed (and continued next epoch, same id) to keep its history whole.
+            log.tracker.finish()
         tmp = Path(tempfile.mkdtemp(prefix=f"ptm-ft-epoch{run.epoch}-rank{rank}-"))
         try:
             run.save_local(tmp)
@@ -359,6 +367,8 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
             shutil.rmtree(tmp, ignore_errors=True)
         if log is not None and not reporter.log_first:
             log.write(record)
+    if log is not None:
+        log.tracker.finish()
 
 
 def finetune_worker(config: dict) -> None:
