@@ -104,3 +104,14 @@ def local_copy(path: str) -> tuple[Path, bool]:
 def drop_local_copy(path: Path, is_temp: bool) -> None:
     if is_temp:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_local_dir(tmp: Path, out: Path, marker: str) -> None:
+    """Move a finished local directory ``tmp`` to ``out`` in one rename. When another process
+    published ``out`` first (its ``marker`` file exists), theirs is kept and ``tmp`` is left
+    for the caller to delete."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / marker).exists():
+            raise

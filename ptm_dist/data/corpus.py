@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ptm_dist import storage
+
 TRAIN_SHARDS = 16
 VAL_SHARDS = 2
 VAL_PERCENT = 5
@@ -95,11 +97,7 @@ def ensure_builtin_corpus(cache: Path) -> Path:
                     json.dumps({"text": text, "source": group}) + "\n")
                 counts[side] += 1
         (tmp / "DONE").write_text(json.dumps(counts) + "\n")
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            if not (out / "DONE").exists():
-                raise
+        storage.publish_local_dir(tmp, out, "DONE")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ptm_dist import storage
 from ptm_dist.data.sources import Shard, find_shard_error, read_documents
 
 EOS = "<|endoftext|>"
@@ -104,11 +105,7 @@ def ensure_tokenizer(shards: list[Shard], vocab_size: int, cache: Path, max_bad_
     tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
     try:
         save_for_transformers(tok, tmp)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not (out / "tokenizer.json").exists():
-                raise
+        storage.publish_local_dir(tmp, out, "tokenizer.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

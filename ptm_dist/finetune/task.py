@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptm_dist import storage
 from ptm_dist.data.corpus import _docstrings, _stdlib_files
 from ptm_dist.data.sources import DataError
 
@@ -110,11 +111,7 @@ def ensure_builtin_task(cache: Path) -> Path:
         meta = {"labels": list(FAMILIES), "train": len(rows["train"]), "val": len(rows["val"]),
                 "families": {k: list(v) for k, v in FAMILIES.items()}}
         (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            if not (out / "task.json").exists():
-                raise
+        storage.publish_local_dir(tmp, out, "task.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
