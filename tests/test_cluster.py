@@ -4,10 +4,12 @@ driven only through the CLI a user types: ptm submit, ptm jobs."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def cluster(tmp_path_factory):
     head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={dash}"], env)
     procs = [head]
+    worker_tmp = None
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -61,7 +64,10 @@ def cluster(tmp_path_factory):
             assert time.time() < deadline, "the head node did not come up"
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)
-        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}"], env))
+        # Its own temp dir, as on a separate machine: two nodes sharing one runtime_resources
+        # directory unpack and garbage-collect the job's package under each other's feet.
+        worker_tmp = tempfile.mkdtemp(prefix="rayw-", dir="/tmp")
+        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_tmp}"], env))
         deadline = time.time() + 120
         while True:
             out = subprocess.run([f"{BIN}/ray", "status", f"--address=127.0.0.1:{gcs}"], capture_output=True,
@@ -82,6 +88,8 @@ def cluster(tmp_path_factory):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        if worker_tmp:
+            shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
 def test_submit_spread_job_and_follow_it_to_success(cluster, tmp_path):
