@@ -24,7 +24,7 @@ import numpy as np
 from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, read_documents
 
 ID_SHIFT = 32
-PLAN_HORIZON = 256  # shard reads planned per Ray Data dataset (epochs chain inside one)
+PLAN_EPOCHS = 2  # a Ray Data dataset covers the rest of this epoch and the next one
 _DOCS_PER_ENCODE = 256
 
 
@@ -216,13 +216,15 @@ class SequenceStream:
 
     def _plan(self) -> tuple[list[tuple[int, int, int, int]], int]:
         """(epoch, slot, shard_index, skip) from the current window start: the rest of this
-        epoch, then whole epochs until the plan has PLAN_HORIZON entries, so one Ray Data
-        dataset runs across epoch boundaries without a restart. Bad shards are left out.
-        Returns the plan and the first epoch it does not cover."""
+        epoch and the next whole epoch, so the stream crosses an epoch boundary without
+        restarting Ray Data, while tokenization runs at most about one epoch ahead of training
+        (Ray Data works through a dataset as fast as the CPUs allow: a longer plan steals CPU
+        from training for data that may never be used). Bad shards are left out. Returns the
+        plan and the first epoch it does not cover."""
         pos = self.position
         plan: list[tuple[int, int, int, int]] = []
         epoch = pos.epoch
-        while epoch == pos.epoch or (len(plan) < PLAN_HORIZON and epoch < pos.epoch + PLAN_HORIZON):
+        while epoch < pos.epoch + PLAN_EPOCHS:
             order = self.rank_plan(epoch)
             first = pos.slot if epoch == pos.epoch else 0
             plan += [(epoch, k, order[k], pos.chunk if (epoch == pos.epoch and k == pos.slot) else 0)
