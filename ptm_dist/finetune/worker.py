@@ -115,7 +115,7 @@ class EpochLog:
     experiment trackers there.
     """
 
-    def __init__(self, out_dir: str, resume_epoch: int, prefix: str = "[ptm]"):
+    def __init__(self, out_dir: str, resume_epoch: int, prefix: str = "[ptm]", total_epochs: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = self.path.read_text().splitlines() if self.path.exists() else []
@@ -123,15 +123,28 @@ class EpochLog:
         keep = [ln for ln in old if ln.strip() and json.loads(ln).get("epoch", 0) <= resume_epoch]
         self.path.write_text("".join(ln + "\n" for ln in keep))
         self.prefix = prefix
+        self.total_epochs = total_epochs
+        self.epoch_seconds: list[float] = []  # epochs timed in this process, for the ETA
         self.tracker = Tracker()  # the run's (or trial's) wandb run, started by run_epochs
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.tracker.log(record, step=record["epoch"])
-        print(f"{self.prefix} epoch {record['epoch']}: loss {record['loss']:.4f} eval_loss "
-              f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} f1_macro {record['f1_macro']:.4f}",
-              flush=True)
+        progress = ""
+        if "epoch_s" in record:
+            self.epoch_seconds.append(record["epoch_s"])
+            progress = f" ({record['epoch_s']:.1f}s"
+            if "examples_per_s" in record:
+                progress += f", {record['examples_per_s']:,.0f} examples/s"
+            if self.total_epochs:
+                left = self.total_epochs - record["epoch"]
+                progress += f", eta {left * sum(self.epoch_seconds) / len(self.epoch_seconds):.0f}s"
+            progress += ")"
+        of = f"/{self.total_epochs}" if self.total_epochs else ""
+        print(f"{self.prefix} epoch {record['epoch']}{of}: loss {record['loss']:.4f} eval_loss "
+              f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} f1_macro {record['f1_macro']:.4f}"
+              f"{progress}", flush=True)
 
 
 def read_epochs(out_dir: str) -> list[dict]:
@@ -336,7 +349,7 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
             run.restore(d)
         if rank == 0:
             print(f"{config['log_prefix']} resumed after epoch {run.epoch}", flush=True)
-    log = EpochLog(out_dir, run.epoch, config["log_prefix"]) if rank == 0 else None
+    log = EpochLog(out_dir, run.epoch, config["log_prefix"], cfg.finetune.epochs) if rank == 0 else None
     if rank == 0 and run.epoch == 0:
         print(f"{config['log_prefix']} {len(run.train_ids)} training / {len(run.val_ids)} validation examples, "
               f"{len(run.labels)} labels, {world} worker(s), ZeRO-{cfg.zero.stage}, {run.precision}, "
@@ -347,8 +360,10 @@ def run_epochs(config: dict, rank: int, world: int, device: torch.device, report
         t0 = time.perf_counter()
         loss = run.train_epoch()
         run.epoch += 1
+        train_s = time.perf_counter() - t0
         record = {"epoch": run.epoch, "step": run.step, "loss": loss, **run.evaluate(),
-                  "lr": float(run.engine.get_lr()[0]), "epoch_s": time.perf_counter() - t0}
+                  "lr": float(run.engine.get_lr()[0]), "epoch_s": time.perf_counter() - t0,
+                  "examples_per_s": run.steps_per_epoch * run.batch * world / train_s}
         improved = better(record[metric], run.best, mode)
         if improved:
             run.best, run.best_epoch = record[metric], run.epoch
