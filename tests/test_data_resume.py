@@ -1,7 +1,7 @@
 """Exactly-once data across a real kill: `ptm pretrain` is SIGKILLed mid-epoch (driver, Ray and
 workers), the same command is run again, and the sequence ids every step trained on
 (data.log_sequence_ids) are compared with the corpus: across the kill, epoch 0 holds every
-packed sequence exactly once."""
+packed sequence exactly once. The re-run also keeps the killed run's wandb run id."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_driver_kill_mid_epoch_then_rerun_consumes_each_sequence_once(tmp_path, 
     overrides = [*DEBUG_OVERRIDES, f"run.storage={tmp_path}", "run.name=killed",
                  f"data.sources=[{{path: '{corpus}/part-*.jsonl'}}]", f"data.val_sources=[{{path: '{corpus}/val.jsonl'}}]",
                  "data.seq_len=16", "data.shuffle_window=16", "data.log_sequence_ids=true",
-                 "train.max_steps=60", "train.ckpt_every=8", "train.eval_every=100", "train.keep_ckpts=3"]
+                 "train.max_steps=60", "train.ckpt_every=8", "train.eval_every=100", "train.keep_ckpts=3",
+                 "tracking.wandb=offline"]
     cfg = load(None, overrides)
     data = prepare_data(cfg)
     tok_json = (data.tokenizer_dir / "tokenizer.json").read_text()
@@ -71,6 +72,7 @@ def test_driver_kill_mid_epoch_then_rerun_consumes_each_sequence_once(tmp_path, 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = max(line["step"] for line in read_sequence_log(str(run_dir))[0])
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
     resumed_from = _step(ckpt_lib.latest_complete_checkpoint(str(run_dir)))
 
     rerun = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
@@ -84,5 +86,9 @@ def test_driver_kill_mid_epoch_then_rerun_consumes_each_sequence_once(tmp_path, 
     print(f"driver killed at step ~{killed_at}, resumed from checkpoint step {resumed_from}; epoch 0: "
           f"{len(epoch0)} distinct sequences of {len(every)}, max count {max(epoch0.values())}")
     assert killed_at > resumed_from
+    # The re-run continues the killed run's wandb run: one id, in every offline run directory.
+    assert (run_dir / "wandb_run_id").read_text().strip() == wandb_id
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) >= 2 and all(name.endswith(f"-{wandb_id}") for name in offline), offline
     assert epoch0 == every  # every sequence once: none replayed, none skipped
     assert all(ln["seqs"][0][0] >= 1 for lines in logs.values() for ln in lines[-1:]), "epoch 0 finished"
