@@ -372,7 +372,7 @@ class _PeakMemory:
     def total(self) -> int:
         import psutil
 
-        rss = psutil.Process().memory_info().rss
+        rss = _rss()
         if self.raylet is None:
             return rss
         try:

@@ -158,6 +158,13 @@ class BadShardBudgetExceeded(DataError):
     """More bad shards than data.max_bad_shards allows."""
 
 
+def _tag(out: dict, epoch: int, slot: int) -> dict:
+    """Mark a packed batch with the epoch and plan slot it was read for."""
+    out["epoch"] = np.full(len(out["id"]), epoch, dtype=np.int64)
+    out["slot"] = np.full(len(out["id"]), slot, dtype=np.int64)
+    return out
+
+
 def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
     """Ray Data UDF: one input row (a shard of the plan) -> batches of packed sequences."""
     for i in range(len(batch["uri"])):
@@ -166,9 +173,7 @@ def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> I
         for out in pack_shard(
             shard, int(batch["shard_index"][i]), tokenizer_json, seq_len, eos_id, int(batch["skip"][i])
         ):
-            out["slot"] = np.full(len(out["id"]), int(batch["slot"][i]), dtype=np.int64)
-            out["epoch"] = np.full(len(out["id"]), int(batch["epoch"][i]), dtype=np.int64)
-            yield out
+            yield _tag(out, int(batch["epoch"][i]), int(batch["slot"][i]))
 
 
 class SequenceStream:
@@ -250,9 +255,7 @@ class SequenceStream:
         if not self.use_ray:
             for epoch, slot, idx, skip in plan:
                 for out in pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip):
-                    out["slot"] = np.full(len(out["id"]), slot, dtype=np.int64)
-                    out["epoch"] = np.full(len(out["id"]), epoch, dtype=np.int64)
-                    yield out
+                    yield _tag(out, epoch, slot)
             return
         import ray.data
 

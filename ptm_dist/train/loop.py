@@ -169,12 +169,14 @@ class Trainer:
         t0 = time.perf_counter()
         mbs = []
         self.batch_seqs = []
+        audit = self.seq_log is not None  # data.log_sequence_ids; nothing is kept otherwise
         for _ in range(self.cfg.train.grad_accum):
             rows = []
             for _ in range(self.cfg.train.micro_batch):
                 seq_id, tokens = next(it)
                 rows.append(tokens)
-                self.batch_seqs.append((self.stream.position.epoch, seq_id))
+                if audit:
+                    self.batch_seqs.append((self.stream.position.epoch, seq_id))
             mbs.append(torch.as_tensor(np.stack(rows), dtype=torch.long).to(self.device, non_blocking=True))
         return mbs, time.perf_counter() - t0
 
