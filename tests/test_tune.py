@@ -179,3 +179,30 @@ def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
         assert epochs == [1, 2, 3]
     rows = _csv(sweep_dir / "trials.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
+
+
+def test_multiworker_trials_queue(tmp_path_factory, tmp_path, ray_session, capsys):
+    """Trials that are 2-worker Ray Train jobs, one at a time: every trial after the first
+    waits for the previous trial's workers. ASHA ends trials by stopping them (also at max_t),
+    which terminates the trial's actor; each trial's placement group must still be given back,
+    or the next trial's job waits for workers in vain and the sweep fails."""
+    import ray
+
+    from ptm_dist.finetune.sweep import tune
+
+    start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
+    cfg = debug_job(tmp_path, *start_overrides(start, tmp_path), "finetune.epochs=2",
+                    "tune.space={finetune.lr: {grid: [0.003, 0.0001, 0.000001]}}", "tune.num_samples=1",
+                    "tune.max_concurrent=1", "tune.num_workers=2")
+    sweep_dir = Path(tune(cfg))
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"sweep_dir: {sweep_dir}"
+    rows = _csv(sweep_dir / "trials.csv")
+    assert len(rows) == 3 and all(r["status"] in ("done", "stopped early") for r in rows), rows
+    for r in rows:
+        trial = sweep_dir / "trials" / r["trial_id"]
+        assert (trial / "placement_group").exists()  # the trial ran as a Ray Train job
+        epochs = [json.loads(ln) for ln in (trial / "metrics.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in epochs] == list(range(1, int(r["epochs"]) + 1))
+    left = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert left == [], left

@@ -122,9 +122,10 @@ def _trial_trainer_class():
 def relay_epochs(trainer, out: Path) -> None:
     """Run a trial's Ray Train job and hand each epoch's line of its metrics.jsonl to Tune.
 
-    When the scheduler stops the trial (ray.tune.report raises SystemExit in the trial), the
-    trial's Ray Train controller is killed, which ends its workers (their last epoch's
-    checkpoint is already in storage) and frees their resources for the next trial.
+    When the scheduler stops the trial (ray.tune.report raises SystemExit in the trial, also
+    when ASHA stops a trial that reached max_t), the trial's Ray Train job is aborted: its
+    workers end (their last epoch's checkpoint is already in storage) and its placement group
+    is removed, so the next trial's job gets the resources.
     """
     import threading
 
@@ -156,11 +157,74 @@ def relay_epochs(trainer, out: Path) -> None:
             thread.join(timeout=0.5)
     finally:
         if thread.is_alive() and trainer.controller is not None:
-            ray.kill(trainer.controller)
+            stop_train_job(trainer.controller)
             thread.join(timeout=60)
             failure.clear()  # the job ended because it was stopped, not because it failed
     if failure:
         raise failure[0]
+
+
+def stop_train_job(controller, timeout_s: float = 60.0) -> None:
+    """End a running Ray Train job and free its resources.
+
+    ``TrainController.abort`` shuts the worker group down, which removes the job's placement
+    group, then exits the controller (the same path as Ctrl-C on a Ray Train driver). Killing
+    the controller instead would leave the placement group to Ray Train's detached cleaner
+    actor; when that actor cannot reach the state API the group, and the CPUs or GPUs it
+    reserves, are never given back and the next trial's job waits for them until it times out.
+    """
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # abort ends the controller actor: the expected outcome
+    except Exception:  # noqa: BLE001 - timed out or failed: force it
+        ray.kill(controller)
+
+
+def release_trial_job(trial_dir: Path) -> bool:
+    """Remove the placement group of a trial's Ray Train job if it is still there.
+
+    Returns whether one was removed. Called by the sweep's driver once Tune has ended the trial.
+    """
+    import ray
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    from ptm_dist.finetune.worker import PLACEMENT_GROUP_FILE
+
+    path = trial_dir / PLACEMENT_GROUP_FILE
+    if not path.exists():
+        return False
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+    if placement_group_table(pg).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
+
+
+def _release_callback(sweep_dir: str):
+    """A Tune callback that frees each multi-worker trial's Ray Train job when the trial ends."""
+    from ray.tune import Callback
+
+    class ReleaseTrialJobs(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def _release(self, trial) -> None:
+            try:
+                release_trial_job(Path(sweep_dir) / "trials" / trial.trial_id)
+            except Exception as e:  # noqa: BLE001 - never fail the sweep over the clean-up
+                print(f"{LOG_PREFIX} trial {trial.trial_id}: could not free its Ray Train job: {e}", flush=True)
+
+    return ReleaseTrialJobs()
 
 
 def _scheduler(cfg: JobConfig, space: dict):
@@ -263,6 +327,7 @@ def tune(cfg: JobConfig) -> str:
                 ),
                 run_config=rt.RunConfig(
                     name="tune", storage_path=sweep_dir, verbose=1,
+                    callbacks=[_release_callback(sweep_dir)] if cfg.tune.num_workers > 1 else None,
                     checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
                     failure_config=rt.FailureConfig(max_failures=0),
                 ),

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from ptm_dist.config import JobConfig
 from ptm_dist.engine import initialize, manual_clip
 from ptm_dist.tracking import Tracker, start_finetune
 from ptm_dist.train.loop import rng_state, set_rng_state
+from ptm_dist.train.pretrain import free_port
 
 CKPT_TAG = "ds"
 
@@ -392,16 +392,29 @@ def finetune_worker(config: dict) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
+    if config.get("trial_id") and ctx.get_world_rank() == 0:
+        record_placement_group(config["out_dir"])
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), device, TrainReporter())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PLACEMENT_GROUP_FILE = "placement_group"
+
+
+def record_placement_group(out_dir: str) -> None:
+    """Write the id of this Ray Train job's placement group into the trial directory.
+
+    The sweep's driver removes it when Tune ends the trial (see sweep.ReleaseTrialJobs): Tune
+    ends a stopped trial by terminating its actor, which leaves the job's placement group, and
+    the CPUs or GPUs it reserves, to a Ray Train helper that needs the state API.
+    """
+    import ray.util
+
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(out_dir, PLACEMENT_GROUP_FILE).write_text(pg.id.hex() + "\n")
 
 
 def run_in_trial(config: dict) -> None:
@@ -411,7 +424,7 @@ def run_in_trial(config: dict) -> None:
     gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
     if gpu:

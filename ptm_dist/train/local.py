@@ -14,7 +14,6 @@ builds, as rank 0 of a world of one; the data stream packs shards in this proces
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -24,19 +23,14 @@ from ptm_dist import storage
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.train.loop import Trainer, copy_report, save_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ptm_dist.train.pretrain import free_port
 
 
 def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer:
     device = device or torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)

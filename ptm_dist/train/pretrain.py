@@ -124,10 +124,23 @@ def connect_ray(cfg: JobConfig) -> bool:
     print(f"[ptm] starting local Ray with {cpus} logical CPUs "
           f"({cfg.scaling.num_workers} workers x {per_worker} CPU + room for data tasks)")
     # The dashboard (on localhost only) serves the state API Ray Train polls; without it Ray
-    # logs a warning every few seconds.
+    # logs a warning every few seconds. Ray processes find the state API by auto-detecting the
+    # cluster, which can pick a stale address left by an earlier `ray start` (Ray Train's
+    # placement-group cleaner then fails): tell them where it is.
+    port = free_port()
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env=env, log_to_driver=True)
+             dashboard_port=port, runtime_env=env, log_to_driver=True)
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def use_gpu(cfg: JobConfig) -> bool:
