@@ -5,8 +5,9 @@
 Every trial is a fine-tuning run with the trial's values of ``tune.space`` applied to the job.
 With ``tune.num_workers: 1`` a trial trains in its Tune trial process (DeepSpeed over a world
 of one); with more it launches a Ray Train job of that many DeepSpeed workers from the trial
-(Ray Train V2 inside a Tune function trainable; TuneReportCallback forwards each epoch's
-metrics to the scheduler). Trials checkpoint every epoch; Tune's experiment state lives in
+(Ray Train V2 inside a Tune function trainable; the trial hands each epoch's line of the
+job's metrics.jsonl to the scheduler, and the driver frees the job's placement group when the
+trial ends). Trials checkpoint every epoch; Tune's experiment state lives in
 ``<sweep_dir>/tune``, so re-running the same command after an interruption resumes the sweep
 (unfinished trials continue from their last epoch checkpoint).
 
@@ -62,10 +63,10 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
         run_in_trial(wc)
         return
     import ray.train
-    from ray.train.torch import TorchConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = info["use_gpu"]
-    trainer = _trial_trainer_class()(
+    trainer = TorchTrainer(
         finetune_worker,
         train_loop_config=wc,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -84,52 +85,17 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
     relay_epochs(trainer, out)
 
 
-def _trial_trainer_class():
-    """TorchTrainer that keeps a handle on its Ray Train controller actor.
-
-    A trial the scheduler stops must end its Ray Train job at once: left alone, the job of a
-    stopped trial outlives it and holds its workers' resources (the next trial's job then waits
-    for them in vain). Ray Train V2 does not expose the controller, so this repeats
-    DataParallelTrainer._initialize_and_run_controller (Ray 2.60) and keeps it.
-    """
-    import ray
-    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.constants import (
-        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-        get_env_vars_to_propagate,
-    )
-    from ray.train.v2._internal.execution.controller import TrainController
-
-    class TrialTorchTrainer(TorchTrainer):
-        controller = None
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            env_vars = get_env_vars_to_propagate()
-            env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-            cls = ray.remote(
-                num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-                runtime_env={"env_vars": env_vars},
-            )(TrainController)
-            self.controller = cls.remote(**controller_init_kwargs)
-            ray.get(self.controller.run.remote())
-            return ray.get(self.controller.get_result.remote())
-
-    return TrialTorchTrainer
-
-
 def relay_epochs(trainer, out: Path) -> None:
     """Run a trial's Ray Train job and hand each epoch's line of its metrics.jsonl to Tune.
 
-    When the scheduler stops the trial (ray.tune.report raises SystemExit in the trial, also
-    when ASHA stops a trial that reached max_t), the trial's Ray Train job is aborted: its
-    workers end (their last epoch's checkpoint is already in storage) and its placement group
-    is removed, so the next trial's job gets the resources.
+    When the scheduler stops the trial (also when ASHA stops a trial that reached max_t),
+    ray.tune.report raises SystemExit here and Tune terminates the trial's actor. The job's
+    controller and workers are the actor's children and end with it (their last epoch's
+    checkpoint is already in storage); the job's placement group outlives them and is removed
+    by the sweep's driver (ReleaseTrialJobs), so the next trial's job gets the resources.
     """
     import threading
 
-    import ray
     import ray.tune
 
     from ptm_dist.finetune.worker import read_epochs
@@ -145,42 +111,17 @@ def relay_epochs(trainer, out: Path) -> None:
     seen = len(read_epochs(str(out)))  # epochs Tune already has from before a restart
     thread = threading.Thread(target=fit, name="ptm-trial-train", daemon=True)
     thread.start()
-    try:
-        while True:
-            alive = thread.is_alive()
-            epochs = read_epochs(str(out))
-            for record in epochs[seen:]:
-                ray.tune.report(record)
-            seen = max(seen, len(epochs))
-            if not alive:
-                break
-            thread.join(timeout=0.5)
-    finally:
-        if thread.is_alive() and trainer.controller is not None:
-            stop_train_job(trainer.controller)
-            thread.join(timeout=60)
-            failure.clear()  # the job ended because it was stopped, not because it failed
+    while True:
+        alive = thread.is_alive()
+        epochs = read_epochs(str(out))
+        for record in epochs[seen:]:
+            ray.tune.report(record)
+        seen = max(seen, len(epochs))
+        if not alive:
+            break
+        thread.join(timeout=0.5)
     if failure:
         raise failure[0]
-
-
-def stop_train_job(controller, timeout_s: float = 60.0) -> None:
-    """End a running Ray Train job and free its resources.
-
-    ``TrainController.abort`` shuts the worker group down, which removes the job's placement
-    group, then exits the controller (the same path as Ctrl-C on a Ray Train driver). Killing
-    the controller instead would leave the placement group to Ray Train's detached cleaner
-    actor; when that actor cannot reach the state API the group, and the CPUs or GPUs it
-    reserves, are never given back and the next trial's job waits for them until it times out.
-    """
-    import ray
-
-    try:
-        ray.get(controller.abort.remote(), timeout=timeout_s)
-    except ray.exceptions.RayActorError:
-        pass  # abort ends the controller actor: the expected outcome
-    except Exception:  # noqa: BLE001 - timed out or failed: force it
-        ray.kill(controller)
 
 
 def release_trial_job(trial_dir: Path) -> bool:
