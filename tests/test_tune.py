@@ -206,3 +206,32 @@ def test_multiworker_trials_queue(tmp_path_factory, tmp_path, ray_session, capsy
         assert [e["epoch"] for e in epochs] == list(range(1, int(r["epochs"]) + 1))
     left = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
     assert left == [], left
+
+
+def test_pipeline_pretrains_then_sweeps(tmp_path_factory, tmp_path, ray_session, capsys):
+    """`ptm pipeline`: the job's pretraining run, then a sweep that starts from that run."""
+    import yaml
+
+    from ptm_dist.finetune.run import pipeline
+    from ptm_dist.tracking import read_metrics
+
+    start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
+    cfg = debug_job(
+        tmp_path, "run.name=pre", "train.max_steps=4", "train.eval_every=4", "train.ckpt_every=4",
+        f"finetune.data={start['train']}", f"finetune.val_data={start['val']}", "finetune.max_length=32",
+        "finetune.batch_size=8", "finetune.epochs=1", "tune.scheduler=fifo", "tune.num_samples=1",
+        "tune.space={finetune.lr: {grid: [0.001, 0.01]}}", "tune.max_concurrent=2",
+    )
+    sweep_dir = Path(pipeline(cfg))
+    out = capsys.readouterr().out.strip().splitlines()
+    run_dir = tmp_path / "pre"
+    assert out[-1] == f"sweep_dir: {sweep_dir}"
+    assert f"run_dir: {run_dir}" in out[:-1]  # pretraining printed its own last line first
+    assert [m["step"] for m in read_metrics(str(run_dir)) if "eval_loss" in m] == [0, 4]
+    swept = yaml.safe_load((sweep_dir / "job.yaml").read_text())
+    assert swept["finetune"]["init"] == str(run_dir)  # the sweep started from that run
+    assert (sweep_dir / "base" / "config.json").exists()  # exported as a Hugging Face model
+    rows = _csv(sweep_dir / "trials.csv")
+    assert sorted(float(r["finetune.lr"]) for r in rows) == [0.001, 0.01]
+    assert {r["status"] for r in rows} == {"done"} and {r["epochs"] for r in rows} == {"1"}
+    assert json.loads((sweep_dir / "best.json").read_text())["metric"] == "accuracy"
