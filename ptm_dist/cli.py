@@ -306,11 +306,16 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
-def _stop_ray() -> None:
-    """Shut a local Ray down so its forwarded worker logs are flushed before our last line."""
+def _ray_is_up() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray(was_up: bool) -> None:
+    """Shut the Ray this command connected to down, so its forwarded worker logs are flushed
+    before our last line; a Ray the caller had started before (main() called in-process) stays."""
+    if _ray_is_up() and not was_up:
+        sys.modules["ray"].shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
                "prepare": cmd_prepare, "export": cmd_export,
                "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
+    ray_was_up = _ray_is_up()
     try:
         handler(args)
     except BrokenPipeError:  # output piped into head and the like
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = _user_error(e)
         if msg is None:
             raise
-        _stop_ray()
+        _stop_ray(ray_was_up)
         print(f"ptm {args.command}: error: {msg}", file=sys.stderr)
         return 2
     return 0

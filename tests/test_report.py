@@ -61,10 +61,12 @@ def test_report_on_a_sweep_directory(tmp_path):
     assert "| metric | accuracy (max) |" in md and "| scheduler | asha |" in md
 
 
-def test_report_on_a_directory_that_is_neither_is_one_line_error(tmp_path, capsys):
+def test_report_on_a_directory_that_is_neither_is_one_line_error(tmp_path, capsys, ray_session):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"ptm report: error: {tmp_path}: neither a run directory (metrics.jsonl) "
                                    "nor a sweep directory (sweep.json)")
+    # main() called in-process leaves a Ray it did not start running (the shared test instance)
+    assert ray_session.is_initialized()
 
 
 def test_report_on_a_finetuning_run_directory(tmp_path):

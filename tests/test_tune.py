@@ -204,6 +204,7 @@ def test_multiworker_trials_queue(tmp_path_factory, tmp_path, ray_session, capsy
         assert (trial / "placement_group").exists()  # the trial ran as a Ray Train job
         epochs = [json.loads(ln) for ln in (trial / "metrics.jsonl").read_text().splitlines()]
         assert [e["epoch"] for e in epochs] == list(range(1, int(r["epochs"]) + 1))
+    assert ray.is_initialized()  # the shared instance: placement_group_table must not start another
     left = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
     assert left == [], left
 

@@ -25,6 +25,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ray.tune import Callback
+
 from ptm_dist import storage, tracking
 from ptm_dist.config import ConfigError, JobConfig, apply_override
 from ptm_dist.finetune.run import (
@@ -148,24 +150,26 @@ def release_trial_job(trial_dir: Path) -> bool:
     return True
 
 
-def _release_callback(sweep_dir: str):
-    """A Tune callback that frees each multi-worker trial's Ray Train job when the trial ends."""
-    from ray.tune import Callback
+class ReleaseTrialJobs(Callback):
+    """Tune callback: frees each multi-worker trial's Ray Train job when Tune ends the trial.
 
-    class ReleaseTrialJobs(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial)
+    Module-level so that Tune's pickled experiment state restores it on a resumed sweep.
+    """
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial)
+    def __init__(self, sweep_dir: str):
+        self.sweep_dir = sweep_dir
 
-        def _release(self, trial) -> None:
-            try:
-                release_trial_job(Path(sweep_dir) / "trials" / trial.trial_id)
-            except Exception as e:  # noqa: BLE001 - never fail the sweep over the clean-up
-                print(f"{LOG_PREFIX} trial {trial.trial_id}: could not free its Ray Train job: {e}", flush=True)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
 
-    return ReleaseTrialJobs()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def _release(self, trial) -> None:
+        try:
+            release_trial_job(Path(self.sweep_dir) / "trials" / trial.trial_id)
+        except Exception as e:  # noqa: BLE001 - never fail the sweep over the clean-up
+            print(f"{LOG_PREFIX} trial {trial.trial_id}: could not free its Ray Train job: {e}", flush=True)
 
 
 def _scheduler(cfg: JobConfig, space: dict):
@@ -268,7 +272,7 @@ def tune(cfg: JobConfig) -> str:
                 ),
                 run_config=rt.RunConfig(
                     name="tune", storage_path=sweep_dir, verbose=1,
-                    callbacks=[_release_callback(sweep_dir)] if cfg.tune.num_workers > 1 else None,
+                    callbacks=[ReleaseTrialJobs(sweep_dir)] if cfg.tune.num_workers > 1 else None,
                     checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
                     failure_config=rt.FailureConfig(max_failures=0),
                 ),
