@@ -387,7 +387,10 @@ def state_of(name):
 def resume(name):
     latest = ck.latest_complete_checkpoint(f"{TMP}/{name}")
     tr = run_local(debug_job(TMP, f"run.name={name}", *LOCAL))
-    return {"resumed_from": int(latest[-8:]), "equal_to_uninterrupted": same(ref, snapshot_engine(tr.engine))}
+    snap = snapshot_engine(tr.engine)
+    # which parts differ, for the failure message (params, master copies, optimizer state, LR)
+    return {"resumed_from": int(latest[-8:]), "equal_to_uninterrupted": same(ref, snap),
+            "differs": [k for k in ref if not same(ref[k], snap.get(k))]}
 
 for point in POINTS:
     name = point.replace(".", "_")
@@ -473,7 +476,7 @@ def test_a_crash_anywhere_in_a_save_never_loses_the_newest_complete_checkpoint(t
         r, bare = out[point], point.removeprefix("exit:")
         want = 4 if bare in AFTER_MARKER else 2
         assert r["resumed_from"] == want and r["complete"][-1] == want, (point, r)
-        assert r["equal_to_uninterrupted"], point
+        assert r["equal_to_uninterrupted"], (point, r)
         # a partial directory, where the save got as far as storage, was there and not used
         assert r["partial"] == ([4] if bare in IN_STORAGE_UNMARKED else []), (point, r)
     assert out["save.marker_partial"]["marker_tmp"] and out["exit:save.marker_partial"]["marker_tmp"]
