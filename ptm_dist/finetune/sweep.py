@@ -126,11 +126,9 @@ def relay_epochs(trainer, out: Path) -> None:
         raise failure[0]
 
 
-def release_trial_job(trial_dir: Path) -> bool:
-    """Remove the placement group of a trial's Ray Train job if it is still there.
-
-    Returns whether one was removed. Called by the sweep's driver once Tune has ended the trial.
-    """
+def release_trial_job(trial_dir: Path) -> None:
+    """Remove the placement group of a trial's Ray Train job if it is still there (called by
+    the sweep's driver once Tune has ended the trial)."""
     import ray
     from ray.util.placement_group import (
         PlacementGroup,
@@ -142,12 +140,10 @@ def release_trial_job(trial_dir: Path) -> bool:
 
     path = trial_dir / PLACEMENT_GROUP_FILE
     if not path.exists():
-        return False
+        return
     pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
-    if placement_group_table(pg).get("state") in (None, "REMOVED"):
-        return False
-    remove_placement_group(pg)
-    return True
+    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+        remove_placement_group(pg)
 
 
 class ReleaseTrialJobs(Callback):
