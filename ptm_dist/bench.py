@@ -103,16 +103,17 @@ def system_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    job = JobConfig.model_validate(config["job"])
-    _prime(models.hf_config(job.model.family, job.model.size, config["vocab_size"], job.data.seq_len,
-                            models.SpecialTokens(**config["special"])), device)
+    spec = config["spec"]
+    job, data = spec.job, spec.data
+    _prime(models.hf_config(job.model.family, job.model.size, data.vocab_size, job.data.seq_len,
+                            models.SpecialTokens(**data.special)), device)
     rss0 = _rss()
-    tr = Trainer(config, rank, world, device)
+    tr = Trainer(spec, rank, world, device)
     it = iter(tr.stream)
-    for _ in range(config["bench"]["warmup"]):
+    for _ in range(config["warmup"]):
         tr.train_one_step(it)
     timer = PhaseTimer(device)
-    steps, wait = config["bench"]["steps"], 0.0
+    steps, wait = config["steps"], 0.0
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -150,24 +151,16 @@ def system_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def run_system(cfg: JobConfig, worker_data: dict, steps: int, warmup: int, gpu: bool) -> dict:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def run_system(cfg: JobConfig, worker_data, steps: int, warmup: int, how) -> dict:
     from ptm_dist import storage
+    from ptm_dist.launch import make_trainer
+    from ptm_dist.train.spec import PretrainSpec
 
-    resources = cfg.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
     base = storage.absolute(cfg.run.storage)  # shared storage on clusters, as for real runs
     name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    trainer = TorchTrainer(
-        system_worker,
-        train_loop_config={"job": cfg.to_dict(), "run_dir": storage.join(base, name), **worker_data,
-                           "bench": {"steps": steps, "warmup": warmup}},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=name, storage_path=base),
-    )
+    spec = PretrainSpec(job=cfg, run_dir=storage.join(base, name), data=worker_data)
+    trainer = make_trainer(system_worker, {"spec": spec, "steps": steps, "warmup": warmup}, how,
+                           name=name, storage_path=base)
     try:
         return dict(trainer.fit().metrics)
     finally:
@@ -181,7 +174,7 @@ def baseline(spec: dict) -> dict:
     """A plain single-process PyTorch loop over in-memory batches (run in a subprocess)."""
     from ptm_dist.data.pipeline import SequenceStream
     from ptm_dist.data.sources import Shard
-    from ptm_dist.engine import build_optimizer, build_scheduler
+    from ptm_dist.engine import EngineSpec, build_optimizer, build_scheduler
     from ptm_dist.train.loop import objective_for
     from ptm_dist.train.step import PhaseTimer, PlainEngine, train_step
 
@@ -210,8 +203,9 @@ def baseline(spec: dict) -> dict:
         model = models.build(hf, seed=cfg.run.seed).to(device)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        opt = build_optimizer(model, cfg, device)
-        engine = PlainEngine(model, opt, build_scheduler(opt, cfg), cfg.train.grad_accum, cfg.train.grad_clip)
+        optim = EngineSpec.for_pretraining(cfg).optim
+        opt = build_optimizer(model, optim, device)
+        engine = PlainEngine(model, opt, build_scheduler(opt, optim), cfg.train.grad_accum, cfg.train.grad_clip)
         if cfg.train.compile:
             engine.module = torch.compile(model)
         timer = PhaseTimer(device)
@@ -250,16 +244,21 @@ def run_baseline(spec: dict) -> dict:
 
 
 def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_batch: bool = False) -> dict:
-    from ptm_dist.data.prepare import prepare_data
-    from ptm_dist.plan import memory_bytes, model_shape
-    from ptm_dist.train.pretrain import connect_ray, use_gpu
+    from dataclasses import asdict
 
-    data = prepare_data(cfg).worker_config()
-    connect_ray(cfg)
-    gpu = use_gpu(cfg)
+    from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.launch import Launch, connect_ray
+    from ptm_dist.plan import memory_bytes, model_shape
+
+    worker_data = prepare_data(cfg).for_workers()
+    data = asdict(worker_data)  # for the baseline subprocess, as JSON
+    connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    how = Launch.resolve(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.resources_per_worker,
+                         cfg.scaling.placement)
+    gpu = how.use_gpu
     print(f"[bench] system: {cfg.scaling.num_workers} Ray Train workers, {warmup} warm-up + {steps} timed steps",
           flush=True)
-    system = run_system(cfg, data, steps, warmup, gpu)
+    system = run_system(cfg, worker_data, steps, warmup, how)
     mb = cfg.train.micro_batch
     micro_batches = [mb]
     if search_micro_batch:
@@ -431,11 +430,11 @@ def _scaled_copies(shards: list, scale: int, root: Path) -> list:
     return out
 
 
-def _stream_epoch(shards: list, wc: dict, cfg: JobConfig) -> tuple[int, float]:
+def _stream_epoch(shards: list, wc, cfg: JobConfig) -> tuple[int, float]:
     """(sequences, seconds) of one epoch of the Ray Data stream into this process."""
     from ptm_dist.data.pipeline import SequenceStream
 
-    stream = SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, wc["special"]["eos"],
+    stream = SequenceStream(shards, wc.tokenizer_json, cfg.data.seq_len, wc.special["eos"],
                             cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True,
                             shuffle_window=cfg.data.shuffle_window)
     n = 0
@@ -465,16 +464,16 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, me
 
     from ptm_dist.data.prepare import prepare_data
     from ptm_dist.data.sources import read_documents
-    from ptm_dist.train.pretrain import connect_ray
+    from ptm_dist.launch import connect_ray
 
     data = prepare_data(cfg)
-    wc = data.worker_config()
+    wc = data.for_workers()
     base = data.train[:max_shards] if max_shards else data.train
     tmp = Path(tempfile.mkdtemp(prefix="ptm-bench-data-"))
     try:
         shards = _scaled_copies(base, scale, tmp) if scale > 1 else base
         docs = [d for s in shards for d in read_documents(s)]
-        tok = Tokenizer.from_str(wc["tokenizer_json"])
+        tok = Tokenizer.from_str(wc.tokenizer_json)
         old = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
         try:
@@ -489,7 +488,7 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, me
                 os.environ["TOKENIZERS_PARALLELISM"] = old
         n_docs = len(docs)
         del docs
-        connect_ray(cfg)
+        connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
         cold_n, cold_s = _stream_epoch(base[:2], wc, cfg)  # warm-up: starts and imports the workers
         result: dict = {}
         if memory:

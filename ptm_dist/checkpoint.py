@@ -1,26 +1,43 @@
-"""Checkpoint layout, commit markers, retention, resume selection and Hugging Face export.
+"""The run directory's versioned format: checkpoints, their commit marker, per-rank trainer
+state, and the run's identity. Everything a resume, an export or a report reads from a run
+is defined here.
 
 A checkpoint is ``<run_dir>/checkpoint_<step:08d>/``:
 
     ds/            DeepSpeed's checkpoint (model states and every rank's ZeRO shard)
-    rank_<r>.pt    per-rank trainer state: data position, RNG states
+    rank_<r>.pt    per-rank trainer state (RankState): step, tokens, data position, RNG states
     job.yaml       the resolved job        tokenizer/   the tokenizer
     probe.pt       logits of the live model on one held-out sequence (export checks them)
-    COMPLETE       written last, after every rank's files are in storage
+    COMPLETE       written last, after every rank's files are in storage: JSON with
+                   "format" (FORMAT_VERSION), step, tokens_seen, world_size, zero_stage,
+                   precision, device, nodes, time
 
 DeepSpeed writes its files with no commit point of its own, so only a directory with
 ``COMPLETE`` counts: resume and export use the newest complete checkpoint and never a partial one.
+
+The run's identity is the set of job keys (IDENTITY) that must not change when a run directory
+is resumed: they change what the weights or the data position mean.
+
+Format history (bump FORMAT_VERSION when a field changes meaning or a reader needs a new one):
+    1   the layout above. Checkpoints written before the marker carried "format" have this
+        layout too and are read as format 1.
+A checkpoint of a newer format than this version reads is refused with a one-line message.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ptm_dist import faults, storage
+from ptm_dist.errors import CheckpointFormatError, CheckpointWriteError, ConfigError
 
+FORMAT_VERSION = 1
 MARKER = "COMPLETE"
-DS_TAG = "ds"
+DS_TAG = "ds"  # DeepSpeed's tag: its files live in <checkpoint>/ds/
+IDENTITY = ("model", "data.seq_len", "data.tokenizer", "zero.stage", "scaling.num_workers")
 _NAME = re.compile(r"^checkpoint_(\d{8})$")
 
 
@@ -48,31 +65,97 @@ def is_checkpoint_dir(path: str) -> bool:
     return _NAME.match(path.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed (unwritable or full storage); earlier ones are untouched."""
-
-    def __init__(self, target: str, error: OSError, *, run_dir: str | None = None):
-        """``target``: the checkpoint directory, or with ``run_dir`` given, what in the run
-        directory could not be written."""
-        try:
-            newest = latest_complete_checkpoint(run_dir or target.rsplit("/", 1)[0])
-        except OSError:
-            newest = None
-        kept = f"newest complete checkpoint {newest} is intact" if newest else "no earlier complete checkpoint"
-        if run_dir:
-            super().__init__(f"cannot write to run directory {run_dir}: {error}; {kept}")
-        else:
-            super().__init__(f"cannot write checkpoint {target}: {error}; it is left incomplete and "
-                             f"will not be used; {kept}")
+def write_error(target: str, error: OSError, *, run_dir: str | None = None) -> CheckpointWriteError:
+    """The error for a failed write: ``target`` is the checkpoint directory, or with ``run_dir``
+    given, what in the run directory could not be written. It names the newest complete
+    checkpoint, which the failure left untouched."""
+    try:
+        newest = latest_complete_checkpoint(run_dir or target.rsplit("/", 1)[0])
+    except OSError:
+        newest = None
+    kept = f"newest complete checkpoint {newest} is intact" if newest else "no earlier complete checkpoint"
+    if run_dir:
+        return CheckpointWriteError(f"cannot write to run directory {run_dir}: {error}; {kept}")
+    return CheckpointWriteError(f"cannot write checkpoint {target}: {error}; it is left incomplete and "
+                                f"will not be used; {kept}")
 
 
 def mark_complete(ckpt_dir: str, meta: dict, fault_step: int | None = None) -> None:
+    """Commit a checkpoint: write its COMPLETE marker (atomically) with ``meta`` and the format."""
+    meta = {**meta, "format": FORMAT_VERSION}
     storage.write_text(storage.join(ckpt_dir, MARKER), json.dumps(meta, sort_keys=True) + "\n",
                        fault=("save.marker_partial", fault_step))
 
 
 def read_meta(ckpt_dir: str) -> dict:
-    return json.loads(storage.read_text(storage.join(ckpt_dir, MARKER)))
+    """The COMPLETE marker of a checkpoint; a format newer than this version's is refused."""
+    meta = json.loads(storage.read_text(storage.join(ckpt_dir, MARKER)))
+    version = meta.setdefault("format", 1)  # markers without the field predate it: format 1
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{ckpt_dir}: checkpoint format {version!r} was written by a newer ptm-dist; this version "
+            f"reads formats up to {FORMAT_VERSION} (upgrade ptm-dist to resume or export it)")
+    return meta
+
+
+@dataclass
+class RankState:
+    """One rank's trainer state in a checkpoint (``rank_<r>.pt``), beside DeepSpeed's files."""
+
+    step: int
+    tokens_seen: int
+    data: dict  # the data stream's position (SequenceStream.state_dict)
+    rng: dict  # ptm_dist.dist.rng_state()
+    nonfinite_skipped: int = 0
+    spikes: dict | None = None  # SpikeDetector.state_dict()
+    extra: dict = field(default_factory=dict)  # fields added by later formats
+
+    @staticmethod
+    def file(rank: int) -> str:
+        return f"rank_{rank}.pt"
+
+    def save(self, ckpt_dir: Path, rank: int) -> None:
+        import torch
+
+        torch.save({f: getattr(self, f) for f in self.__dataclass_fields__}, Path(ckpt_dir) / self.file(rank))
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, rank: int) -> RankState:
+        import torch
+
+        path = Path(ckpt_dir) / cls.file(rank)
+        if not path.exists():
+            raise CheckpointFormatError(f"{path}: missing; the checkpoint holds no state for rank {rank}")
+        state = torch.load(path, weights_only=False)
+        missing = [k for k in ("step", "tokens_seen", "data", "rng") if k not in state]
+        if missing:
+            raise CheckpointFormatError(f"{path}: not a ptm rank state (no {', '.join(missing)})")
+        known = {k: state.pop(k) for k in list(state) if k in cls.__dataclass_fields__ and k != "extra"}
+        return cls(**known, extra={**state.pop("extra", {}), **state})
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def check_same_run(run_dir: str, job: dict) -> None:
+    """Refuse to resume ``run_dir`` with a job whose IDENTITY keys differ from the job it holds
+    (only when it holds a complete checkpoint: a run that never saved can start over)."""
+    import yaml
+
+    path = storage.join(run_dir, "job.yaml")
+    if not storage.exists(path) or not latest_complete_checkpoint(run_dir):
+        return
+    old = yaml.safe_load(storage.read_text(path)) or {}
+    changed = [k for k in IDENTITY if _get(old, k) != _get(job, k)]
+    if changed:
+        details = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(job, k)!r}" for k in changed)
+        raise ConfigError(
+            f"{run_dir} holds a run with a different {', '.join(changed)} ({details}); "
+            "use another run.name, or --set run.resume=false for a fresh directory"
+        )
 
 
 def apply_retention(run_dir: str, keep: int) -> list[str]:

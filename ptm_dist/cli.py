@@ -128,7 +128,7 @@ def cmd_tune(args) -> None:
 
 def cmd_pipeline(args) -> None:
     from ptm_dist.config import load
-    from ptm_dist.finetune.run import pipeline
+    from ptm_dist.pipeline import pipeline
 
     pipeline(load(args.job, args.overrides))
 
@@ -138,11 +138,11 @@ def cmd_prepare(args) -> None:
 
     from ptm_dist.config import load
     from ptm_dist.data.prepare import prepare_data
+    from ptm_dist.launch import connect_ray
     from ptm_dist.progress import Progress, human
-    from ptm_dist.train.pretrain import connect_ray
 
     cfg = load(args.job, args.overrides)
-    owns_ray = connect_ray(cfg)  # the tokenizer sample and the token shards are read by Ray tasks
+    owns_ray = connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)  # the tokenizer sample and the token shards are read by Ray tasks
     try:
         data = prepare_data(cfg)
         print(f"training shards: {len(data.train)}")
@@ -207,7 +207,8 @@ def cmd_bench(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
-    from ptm_dist.config import ConfigError, load
+    from ptm_dist.config import load
+    from ptm_dist.errors import ConfigError
     from ptm_dist.plan import format_plan, plan
 
     cfg = load(args.job, args.overrides)
@@ -279,33 +280,6 @@ def cmd_jobs(args) -> None:
         print(f"{args.job_id}: {'stop requested' if sm.stop(args.address, args.job_id) else 'already ended'}")
 
 
-def _user_error(e: BaseException) -> str | None:
-    """The one-line message for errors that are the user's to fix, else None."""
-    from ray.exceptions import RayError
-
-    from ptm_dist.checkpoint import CheckpointWriteError
-    from ptm_dist.config import ConfigError
-    from ptm_dist.data.sources import DataError, iter_causes
-    from ptm_dist.export import ExportError
-    from ptm_dist.report import ReportError
-    from ptm_dist.submit import SubmitError
-    from ptm_dist.train.loop import RunStopped
-    from ptm_dist.train.pretrain import WorkerFailedError
-    from ptm_dist.train.step import NonFiniteError
-
-    # Ray re-raises a remote DataError as a subclass of both RayError and DataError, whose text
-    # is a traceback; the original error is further down the chain.
-    for cause in iter_causes(e):
-        if isinstance(cause, (ConfigError, DataError, ExportError, ReportError, SubmitError,
-                              FileNotFoundError, WorkerFailedError, NonFiniteError,
-                              CheckpointWriteError, RunStopped)) and not (
-            isinstance(cause, RayError)
-        ):
-            # Ray Data appends retry advice to errors raised in its tasks; ours are one line.
-            return str(cause).splitlines()[0] if isinstance(cause, DataError) else str(cause)
-    return None
-
-
 def _ray_is_up() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
@@ -334,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ptm: interrupted; the newest complete checkpoint is kept", file=sys.stderr)
         return 130
     except Exception as e:
-        msg = _user_error(e)
+        from ptm_dist.errors import user_message
+
+        msg = user_message(e)
         if msg is None:
             raise
         _stop_ray(ray_was_up)

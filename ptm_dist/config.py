@@ -18,9 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A job file or override is invalid; the message is meant for the user as is."""
+from ptm_dist.errors import ConfigError
+from ptm_dist.space import SpaceError, parse_space, sample_values
 
 
 class _Section(BaseModel):
@@ -292,7 +291,7 @@ class TuneSection(_Section):
             "finetune.weight_decay": {"uniform": [0.0, 0.1]},
         },
         description="Dotted job key -> distribution: {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
-        "{choice: [values]}, {randint: [lo, hi)} or {grid: [values]} (see ptm_dist/finetune/space.py).",
+        "{choice: [values]}, {randint: [lo, hi)} or {grid: [values]} (see ptm_dist/space.py).",
     )
     scheduler: Literal["asha", "pbt", "fifo"] = Field(
         "asha", description="asha: stop poor trials early; pbt: population based training; fifo: none."
@@ -327,8 +326,6 @@ class TuneSection(_Section):
     @field_validator("space", mode="before")
     @classmethod
     def _parse_space(cls, v: Any) -> dict:
-        from ptm_dist.finetune.space import SpaceError, parse_space, sample_values
-
         try:
             parsed = parse_space(v)
         except SpaceError as e:  # the path 'tune.space' is added by the error formatter

@@ -1,49 +1,93 @@
-"""DeepSpeed from a JobConfig: the generated config, the optimizer and LR schedule, initialize.
+"""DeepSpeed from a spec: the generated config, the optimizer and LR schedule, and one function
+that prepares a model for training (activation checkpointing, ZeRO engine, compile).
 
-The optimizer (AdamW, no decay on biases and norms) and the schedule (linear warmup, cosine
-decay to train.min_lr) are built here for both DeepSpeed and the plain PyTorch reference loop,
-so the two are the same by construction.
+    spec = EngineSpec.for_pretraining(cfg)          # or EngineSpec(OptimSpec(...), ...) to fine-tune
+    engine, precision = prepare(model, spec, device)
+
+The engine knows the optimiser and schedule (``OptimSpec``) and the ZeRO settings, nothing of
+the job sections they come from. The optimizer (AdamW, no decay on biases and norms) and the
+schedule (linear warmup, cosine decay to ``min_lr``) are also used by the plain single-process
+loop of ``ptm bench``, so the two train with the same hyperparameters.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ptm_dist.config import JobConfig
+from ptm_dist.errors import ConfigError
 
 # DeepSpeed's gradient reduce bucket (elements); ptm plan counts it in its memory estimate.
 REDUCE_BUCKET_ELEMENTS = 50_000_000
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with linear warmup and cosine decay, per worker batch and accumulation."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int
+    weight_decay: float
+    grad_clip: float
+    micro_batch: int
+    grad_accum: int = 1
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything ``prepare`` needs: the optimiser spec, ZeRO settings and precision."""
+
+    optim: OptimSpec
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_pretraining(cls, cfg) -> EngineSpec:
+        """From a job's ``train`` and ``zero`` sections (``cfg``: a JobConfig)."""
+        t, z = cfg.train, cfg.zero
+        optim = OptimSpec(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                          weight_decay=t.weight_decay, grad_clip=t.grad_clip, micro_batch=t.micro_batch,
+                          grad_accum=t.grad_accum, betas=tuple(t.betas))
+        return cls(optim, z.stage, z.offload_optimizer, z.offload_params, t.precision,
+                   t.activation_checkpointing, t.compile)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         if device.type == "cpu" and precision == "fp16":
-            raise ValueError("train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+            raise ConfigError("train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
 
-def ds_config(cfg: JobConfig, precision: str, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for this job (also logged as part of the run's config)."""
-    t, z = cfg.train, cfg.zero
-    zero: dict[str, Any] = {"stage": z.stage}
-    if z.stage > 0:
+def ds_config(spec: EngineSpec, precision: str, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config (also logged as part of the run's config)."""
+    o = spec.optim
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if spec.zero_stage > 0:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=REDUCE_BUCKET_ELEMENTS)
-    if z.offload_optimizer:
+    if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if z.offload_params:
+    if spec.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
+        "train_micro_batch_size_per_gpu": o.micro_batch,
+        "gradient_accumulation_steps": o.grad_accum,
         # Plain fp32 DDP (stage 0) clips inside DeepSpeed without keeping the norm, so the step
         # clips itself there (see manual_clip) and the metric stays available for every stage.
-        "gradient_clipping": 0.0 if manual_clip(cfg, precision) else t.grad_clip,
+        "gradient_clipping": 0.0 if manual_clip(spec, precision) else o.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
@@ -51,18 +95,18 @@ def ds_config(cfg: JobConfig, precision: str, on_gpu: bool) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if z.offload_optimizer:
+    if spec.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's own CPU Adam; the param groups still carry the decay split.
         conf["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay},
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "weight_decay": o.weight_decay},
         }
     return conf
 
 
-def manual_clip(cfg: JobConfig, precision: str) -> float:
+def manual_clip(spec: EngineSpec, precision: str) -> float:
     """Clip norm the step applies itself (0: DeepSpeed clips and reports the norm)."""
-    return cfg.train.grad_clip if cfg.zero.stage == 0 and precision == "fp32" else 0.0
+    return spec.optim.grad_clip if spec.zero_stage == 0 and precision == "fp32" else 0.0
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -76,50 +120,55 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.Optimizer:
-    t = cfg.train
+def build_optimizer(model: torch.nn.Module, optim: OptimSpec, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=1e-8,
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=1e-8,
         fused=device.type == "cuda",
     )
 
 
-def lr_lambda(cfg: JobConfig):
-    """Multiplier on train.lr for optimizer step s (0-based): warmup then cosine to min_lr."""
-    t = cfg.train
-    floor = t.min_lr / t.lr
+def lr_lambda(optim: OptimSpec):
+    """Multiplier on ``lr`` for optimizer step s (0-based): warmup then cosine to min_lr."""
+    floor = optim.min_lr / optim.lr
+    warmup, total = optim.warmup_steps, optim.max_steps
 
     def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        span = max(1, t.max_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
 
 
-def initialize(model: torch.nn.Module, cfg: JobConfig, device: torch.device):
-    """(engine, precision): a DeepSpeed engine over ``model`` with optimizer and schedule."""
+def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
+    """(engine, precision): ``model`` made ready to train, the way one function applies every
+    change to a single-device model: activation checkpointing, the DeepSpeed ZeRO engine with
+    optimizer and schedule, then torch.compile."""
     import deepspeed
 
-    precision = resolve_precision(cfg.train.precision, device)
-    conf = ds_config(cfg, precision, device.type == "cuda")
-    if cfg.zero.offload_optimizer:
+    if spec.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    precision = resolve_precision(spec.precision, device)
+    conf = ds_config(spec, precision, device.type == "cuda")
+    if spec.offload_optimizer:
         optimizer = None
-        params = param_groups(model, cfg.train.weight_decay)
+        params = param_groups(model, spec.optim.weight_decay)
     else:
-        optimizer = build_optimizer(model, cfg, device)
+        optimizer = build_optimizer(model, spec.optim, device)
         params = None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         model_parameters=params,
-        lr_scheduler=lambda opt: build_scheduler(opt, cfg),
+        lr_scheduler=lambda opt: build_scheduler(opt, spec.optim),
         config=conf,
     )
+    if spec.compile:
+        engine.compile()
     return engine, precision

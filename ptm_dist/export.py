@@ -17,14 +17,11 @@ import yaml
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import models, storage
 from ptm_dist.config import JobConfig
+from ptm_dist.errors import ExportError
 
 # Logit tolerance for the self-check: exact arithmetic differs only in reduction order in fp32;
 # bf16/fp16 runs evaluated their probe with half-precision weights.
 _TOLERANCE = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def _state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -24,11 +24,8 @@ import yaml
 
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import storage
+from ptm_dist.errors import ReportError
 from ptm_dist.tracking import read_metrics
-
-
-class ReportError(ValueError):
-    """The directory cannot be reported on; the message is meant for the user as is."""
 
 
 def report(path: str) -> str:

@@ -32,6 +32,18 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+def choose_run_dir(base: str, name: str, resume: bool) -> str:
+    """The name of the run directory under ``base`` to use for a job named ``name``: ``name``
+    itself, or with ``resume`` false and ``<base>/<name>`` holding a run (a job.yaml), the first
+    free ``<name>-2``, ``<name>-3``, ... so that two runs never mix."""
+    if resume or not exists(join(base, name, "job.yaml")):
+        return name
+    n = 2
+    while exists(join(base, f"{name}-{n}", "job.yaml")):
+        n += 1
+    return f"{name}-{n}"
+
+
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -11,7 +11,6 @@ API on localhost and reach it through `ray dashboard`, an SSH tunnel or `kubectl
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -19,14 +18,12 @@ import time
 from pathlib import Path
 
 from ptm_dist import storage
-from ptm_dist.config import ConfigError, load
+from ptm_dist.config import load
+from ptm_dist.errors import ConfigError, SubmitError
+from ptm_dist.launch import WORKER_ENV, send_cluster_token_if_available
 
 SUBMITTABLE = ("pretrain", "prepare", "bench", "finetune", "tune", "pipeline")  # commands a cluster job may run
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class SubmitError(RuntimeError):
-    """The cluster could not be reached, or refused us; the message says which."""
 
 
 def resolve_address(address: str | None) -> str:
@@ -38,28 +35,13 @@ def resolve_address(address: str | None) -> str:
     return address
 
 
-def _send_token_if_available() -> None:
-    """Ray's HTTP client sends the cluster token only in token mode; like the `ray` CLI, turn
-    that mode on when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)
-    unless RAY_AUTH_MODE says otherwise."""
-    from ray._private.authentication import authentication_token_setup as setup
-
-    log = logging.getLogger(setup.__name__)
-    level = log.level
-    log.setLevel(logging.ERROR)  # its warning speaks of starting clusters, not of clients
-    try:
-        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        log.setLevel(level)
-
-
 def client(address: str | None):
     """A JobSubmissionClient, with unreachable addresses and rejected tokens as one-line errors."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
-    _send_token_if_available()
+    send_cluster_token_if_available()
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
@@ -100,7 +82,6 @@ def submit(job: str | None, address: str | None, overrides: list[str], command: 
         )
     c = client(address)
     import ptm_dist
-    from ptm_dist.train.pretrain import WORKER_ENV
 
     with tempfile.TemporaryDirectory(prefix="ptm-submit-") as tmp:
         (Path(tmp) / "job.yaml").write_text(cfg.to_yaml())

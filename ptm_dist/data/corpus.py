@@ -33,7 +33,7 @@ def builtin_dir(cache: Path) -> Path:
     return cache / "corpus" / f"builtin-py{v.major}.{v.minor}"
 
 
-def _stdlib_files() -> list[Path]:
+def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -42,7 +42,7 @@ def _stdlib_files() -> list[Path]:
     return files
 
 
-def _docstrings(path: Path) -> Iterator[str]:
+def docstrings(path: Path) -> Iterator[str]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -62,9 +62,9 @@ def iter_documents() -> Iterator[tuple[str, str]]:
     for name in sorted(topics):
         yield f"topic:{name}", topics[name]
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files():
+    for path in stdlib_files():
         module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for doc in _docstrings(path):
+        for doc in docstrings(path):
             yield f"module:{module}", doc
 
 

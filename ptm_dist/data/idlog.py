@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ptm_dist import storage
-from ptm_dist.config import ConfigError
+from ptm_dist.errors import ConfigError
 
 
 class SequenceLog:

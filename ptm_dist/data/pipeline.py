@@ -2,7 +2,7 @@
 
 Each worker (rank) owns a deterministic slice of the shards for each epoch: the shard list is
 permuted with (run.seed, epoch) and rank r takes every world-th shard from position r. One Ray
-Data task reads, tokenizes and packs one shard (``pack_shard``), so the tasks spread over the
+Data task reads, tokenizes and packs one shard (``ptm_dist.data.packing``), so the tasks spread over the
 cluster while ``preserve_order`` keeps the stream order fixed. That fixed order is what makes
 an exact, mid-epoch resume possible in open-source Ray (whose streams cannot resume,
 ray-project/ray#37633): the data position is the id of the last sequence consumed.
@@ -15,92 +15,16 @@ padding; a shard's last partial sequence is dropped.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, read_documents
+from ptm_dist.data.packing import pack_shard, split_id
+from ptm_dist.data.sources import Shard, find_shard_error
+from ptm_dist.errors import DataError
 
-ID_SHIFT = 32
 PLAN_EPOCHS = 2  # a Ray Data dataset covers the rest of this epoch and the next one
-_DOCS_PER_ENCODE = 256
-
-
-def sequence_id(shard_index: int, chunk: int) -> int:
-    return (shard_index << ID_SHIFT) | chunk
-
-
-def split_id(seq_id: int) -> tuple[int, int]:
-    return seq_id >> ID_SHIFT, seq_id & ((1 << ID_SHIFT) - 1)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(tokenizer_json: str):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json)
-
-
-def pack_shard(
-    shard: Shard, shard_index: int, tokenizer_json: str, seq_len: int, eos_id: int, skip: int = 0,
-    out_rows: int = 256, stats: dict | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches {"id": int64[n], "input_ids": int32[n, seq_len]} of one shard's packed sequences.
-
-    The first ``skip`` sequences are not emitted (used on resume). Memory is bounded by one
-    encode batch plus ``out_rows`` sequences, whatever the shard size. ``stats["documents"]``
-    counts the documents read, when a dict is given.
-    """
-    if shard.format == "tokens":
-        from ptm_dist.data.tokens import read_token_shard
-
-        yield from read_token_shard(shard, shard_index, seq_len, skip, out_rows)
-        return
-    tok = _tokenizer(tokenizer_json)
-    buf = np.empty(0, dtype=np.int32)
-    chunk = 0
-    ids: list[int] = []
-    rows: list[np.ndarray] = []
-
-    def encode(docs: list[str]) -> np.ndarray:
-        encs = tok.encode_batch_fast(docs, add_special_tokens=False)
-        parts = []
-        for e in encs:
-            parts.append(np.asarray(e.ids, dtype=np.int32))
-            parts.append(np.array([eos_id], dtype=np.int32))
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
-
-    docs: list[str] = []
-    doc_iter = read_documents(shard)
-    done = False
-    n_docs = 0
-    while not done:
-        try:
-            docs.append(next(doc_iter))
-            n_docs += 1
-            if stats is not None:
-                stats["documents"] = n_docs
-        except StopIteration:
-            done = True
-            if n_docs == 0:
-                raise ShardError(f"{shard.uri}: empty shard (no documents)", shard.uri) from None
-        if docs and (done or len(docs) >= _DOCS_PER_ENCODE):
-            buf = np.concatenate([buf, encode(docs)])
-            docs = []
-            n_full = len(buf) // seq_len
-            for k in range(n_full):
-                if chunk >= skip:
-                    ids.append(sequence_id(shard_index, chunk))
-                    rows.append(buf[k * seq_len : (k + 1) * seq_len])
-                chunk += 1
-            buf = buf[n_full * seq_len :]
-            if len(rows) >= out_rows or (done and rows):
-                yield {"id": np.asarray(ids, dtype=np.int64), "input_ids": np.stack(rows)}
-                ids, rows = [], []
-    if rows:
-        yield {"id": np.asarray(ids, dtype=np.int64), "input_ids": np.stack(rows)}
 
 
 def epoch_slots(weights: list[float], seed: int, epoch: int) -> list[int]:

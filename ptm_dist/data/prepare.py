@@ -6,13 +6,27 @@ tokenizer are built once and cached under ``data.cache_dir``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ptm_dist.config import JobConfig, SourceSection, cache_dir
 from ptm_dist.data.corpus import ensure_builtin_corpus
-from ptm_dist.data.sources import DataError, Shard, find_shards
+from ptm_dist.data.sources import Shard, find_shards
 from ptm_dist.data.tokenizer import ensure_tokenizer, special_ids
+from ptm_dist.errors import DataError
+
+
+@dataclass(frozen=True)
+class WorkerData:
+    """The data part of what every worker receives: shard lists and the tokenizer itself (its
+    files travel inline, so workers on other nodes need nothing from the driver's disk)."""
+
+    train_shards: tuple[Shard, ...]
+    val_shards: tuple[Shard, ...]
+    tokenizer_json: str
+    tokenizer_files: dict[str, str]  # file name -> text, written into every checkpoint
+    special: dict[str, int]  # eos, pad, mask, ... token ids
+    vocab_size: int
 
 
 @dataclass
@@ -24,20 +38,13 @@ class PreparedData:
     def tokenizer_files(self) -> dict[str, str]:
         return {p.name: p.read_text() for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()}
 
-    def worker_config(self) -> dict:
-        """The data part of the config every worker receives (plain, serialisable values)."""
+    def for_workers(self) -> WorkerData:
         from tokenizers import Tokenizer
 
         tok_json = (self.tokenizer_dir / "tokenizer.json").read_text()
         tok = Tokenizer.from_str(tok_json)
-        return {
-            "train_shards": [asdict(s) for s in self.train],
-            "val_shards": [asdict(s) for s in self.val],
-            "tokenizer_json": tok_json,
-            "tokenizer_files": self.tokenizer_files(),
-            "special": special_ids(tok),
-            "vocab_size": tok.get_vocab_size(),
-        }
+        return WorkerData(tuple(self.train), tuple(self.val), tok_json, self.tokenizer_files(),
+                          special_ids(tok), tok.get_vocab_size())
 
 
 def _is_tokens(src: SourceSection) -> bool:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from ptm_dist import storage
+from ptm_dist.errors import DataError, ShardError, iter_causes
 
 FORMATS_BY_SUFFIX = {
     ".jsonl": "jsonl",
@@ -28,37 +29,6 @@ FORMATS_BY_SUFFIX = {
     ".txt": "txt",
     ".arrow": "hf",
 }
-
-
-class DataError(RuntimeError):
-    """A shard or source cannot be used; the message names it."""
-
-
-class ShardError(DataError):
-    """One shard is bad (corrupt, undecodable, empty, missing its text column); ``shard`` is its
-    URI, so a run with a ``data.max_bad_shards`` budget can skip it."""
-
-    def __init__(self, message: str, shard: str):
-        super().__init__(message)
-        self.shard = shard
-
-    def __reduce__(self):  # survives pickling across Ray tasks with its shard attached
-        return (self.__class__, (str(self), self.shard))
-
-
-def iter_causes(e: BaseException | None):
-    """``e`` and every error it wraps: exception chains, Ray task errors (``.cause``) and Ray
-    Train's failures (``worker_failures``, ``controller_failure``)."""
-    seen, todo = set(), [e]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
-                 getattr(e, "controller_failure", None)]
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
 
 
 def find_shard_error(e: BaseException | None) -> ShardError | None:

@@ -21,13 +21,13 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from ptm_dist import storage
-from ptm_dist.data.sources import DataError, Shard, ShardError, find_shard_error, resolve_fs
+from ptm_dist.data.packing import pack_shard
+from ptm_dist.data.sources import Shard, find_shard_error
+from ptm_dist.errors import DataError, ShardError
 
 INDEX = "index.json"
 FORMAT = "ptm-tokens"
@@ -61,41 +61,9 @@ def token_shards(path: str, split: str, weight: float = 1.0) -> list[Shard]:
     return [Shard(storage.join(path, e["file"]), "tokens", "", weight, index["dtype"]) for e in index[split]]
 
 
-def read_token_shard(
-    shard: Shard, shard_index: int, seq_len: int, skip: int = 0, out_rows: int = 256
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches {"id", "input_ids"} of a token shard from sequence ``skip`` on."""
-    from ptm_dist.data.pipeline import sequence_id
-
-    dtype = np.dtype(shard.dtype or "uint16")
-    row_bytes = seq_len * dtype.itemsize
-    fs, p = resolve_fs(shard.uri)
-    try:
-        with fs.open_input_file(p) as f:
-            size = f.size()
-            if size == 0 or size % row_bytes:
-                raise ShardError(
-                    f"{shard.uri}: {size} bytes is not a whole number of {seq_len}-token rows of "
-                    f"{dtype.name} (truncated, or written for another data.seq_len)", shard.uri
-                )
-            n = size // row_bytes
-            for start in range(skip, n, out_rows):
-                stop = min(n, start + out_rows)
-                buf = f.read_at((stop - start) * row_bytes, start * row_bytes)
-                rows = np.frombuffer(buf, dtype=dtype).reshape(stop - start, seq_len).astype(np.int32)
-                ids = np.array([sequence_id(shard_index, c) for c in range(start, stop)], dtype=np.int64)
-                yield {"id": ids, "input_ids": rows}
-    except DataError:
-        raise
-    except OSError as e:
-        raise ShardError(f"{shard.uri}: cannot read token shard: {e}", shard.uri) from None
-
-
 def _tokenize_shard(shard: Shard, shard_index: int, out_dir: str, file: str, tokenizer_json: str,
                     seq_len: int, eos_id: int, dtype: str) -> dict:
     """Pack one raw shard into ``out_dir/file``; returns its index entry (written beside it)."""
-    from ptm_dist.data.pipeline import pack_shard
-
     target = storage.join(out_dir, file)
     local_dir = Path(tempfile.mkdtemp(prefix="ptm-tokens-"))
     local = local_dir / "shard.bin"

@@ -24,19 +24,28 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from ray.tune import Callback
 
-from ptm_dist import storage, tracking
-from ptm_dist.config import ConfigError, JobConfig, apply_override
-from ptm_dist.finetune.run import (
+from ptm_dist import launch, storage, tracking
+from ptm_dist.config import JobConfig, apply_override
+from ptm_dist.errors import ConfigError
+from ptm_dist.finetune.driver import (
     LOG_PREFIX,
-    choose_dir,
     prepare_task,
     require_local_storage,
+    resolve_dir,
     resolve_start,
 )
-from ptm_dist.finetune.space import to_tune
+from ptm_dist.finetune.worker import (
+    PLACEMENT_GROUP_FILE,
+    FinetuneSpec,
+    better,
+    finetune_worker,
+    read_epochs,
+    run_in_trial,
+)
 
 
 def trial_job(base_job: dict, params: dict) -> JobConfig:
@@ -47,12 +56,29 @@ def trial_job(base_job: dict, params: dict) -> JobConfig:
     return JobConfig.model_validate(doc)
 
 
-def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: dict, info: dict) -> None:
-    """The Tune function trainable: one fine-tuning run with this trial's hyperparameters."""
-    import ray.tune
+def to_tune(parsed: dict[str, dict[str, list]], grid_ok: bool = True) -> dict[str, Any]:
+    """Ray Tune domains for a parsed space (ptm_dist.space; grid -> tune.grid_search)."""
+    from ray import tune
 
-    from ptm_dist.finetune.run import worker_config
-    from ptm_dist.finetune.worker import finetune_worker, run_in_trial
+    out: dict[str, Any] = {}
+    for key, spec in parsed.items():
+        dist, args = next(iter(spec.items()))
+        if dist == "grid":
+            out[key] = tune.grid_search(list(args)) if grid_ok else tune.choice(list(args))
+        elif dist == "choice":
+            out[key] = tune.choice(list(args))
+        elif dist == "randint":
+            out[key] = tune.randint(args[0], args[1])
+        else:
+            out[key] = getattr(tune, dist)(args[0], args[1])
+    return out
+
+
+def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: dict, pad_id: int,
+              how: launch.Launch) -> None:
+    """The Tune function trainable: one fine-tuning run with this trial's hyperparameters.
+    ``how``: the resources of one worker of a multi-worker trial's Ray Train job."""
+    import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: config[k] for k in sorted(config)}
@@ -60,30 +86,14 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
     out = Path(sweep_dir) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(params, indent=1) + "\n")
-    wc = worker_config(cfg, str(out), base_dir, data, info, trial_id=trial_id)
+    spec = FinetuneSpec(job=cfg, out_dir=str(out), base_dir=base_dir, task=data, pad_id=pad_id, trial_id=trial_id)
     if cfg.tune.num_workers == 1:
-        run_in_trial(wc)
+        run_in_trial(spec)
         return
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    gpu = info["use_gpu"]
-    trainer = TorchTrainer(
-        finetune_worker,
-        train_loop_config=wc,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.tune.num_workers, use_gpu=gpu, resources_per_worker=info["resources"],
-            placement_strategy=cfg.scaling.placement.upper(),
-        ),
-        # Same name and storage when Tune restarts the trial: Ray Train resumes from its last
-        # checkpoint (ray.train.get_checkpoint in the workers).
-        run_config=ray.train.RunConfig(
-            name="train", storage_path=str(out),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
-    )
+    # Same name and storage when Tune restarts the trial: Ray Train resumes from its last
+    # checkpoint (ray.train.get_checkpoint in the workers).
+    trainer = launch.make_trainer(finetune_worker, {"spec": spec}, how, name="train", storage_path=str(out),
+                                  keep_checkpoints=1)
     relay_epochs(trainer, out)
 
 
@@ -99,8 +109,6 @@ def relay_epochs(trainer, out: Path) -> None:
     import threading
 
     import ray.tune
-
-    from ptm_dist.finetune.worker import read_epochs
 
     failure: list[BaseException] = []
 
@@ -135,8 +143,6 @@ def release_trial_job(trial_dir: Path) -> None:
         placement_group_table,
         remove_placement_group,
     )
-
-    from ptm_dist.finetune.worker import PLACEMENT_GROUP_FILE
 
     path = trial_dir / PLACEMENT_GROUP_FILE
     if not path.exists():
@@ -218,33 +224,27 @@ def tune(cfg: JobConfig) -> str:
     import ray
     from ray import tune as rt
 
-    from ptm_dist.train.pretrain import connect_ray, use_gpu
-
     require_local_storage(cfg, "tune")
     t0 = time.time()
-    sweep_dir = choose_dir(cfg, cfg.tune.name, "tune")
+    cfg, sweep_dir = resolve_dir(cfg, "tune")
     desc = sweep_description(cfg)
     _check_same_sweep(sweep_dir, desc)
     base_dir = resolve_start(cfg, sweep_dir)
     data, info = prepare_task(cfg, base_dir)
     search = _search(cfg)
     # A local Ray sized for max_concurrent trials of num_workers workers each.
-    sizing = cfg.model_copy(deep=True)
-    sizing.scaling.num_workers = cfg.tune.num_workers * cfg.tune.max_concurrent
-    sizing.scaling.resources_per_worker = cfg.tune.resources_per_worker or cfg.scaling.resources_per_worker
-    owns_ray = connect_ray(sizing)
+    per_worker = cfg.tune.resources_per_worker or cfg.scaling.resources_per_worker
+    owns_ray = launch.connect_ray(cfg.tune.num_workers * cfg.tune.max_concurrent, per_worker)
     try:
-        gpu = use_gpu(cfg)
-        info["use_gpu"] = gpu
-        info["resources"] = sizing.scaling.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
+        how = launch.Launch.resolve(cfg.tune.num_workers, cfg.scaling.use_gpu, per_worker, cfg.scaling.placement)
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         storage.write_text(storage.join(sweep_dir, "job.yaml"), cfg.to_yaml())
         storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(desc, indent=1) + "\n")
         storage.write_text(storage.join(sweep_dir, "task.json"), json.dumps(info, indent=1) + "\n")
         trainable = rt.with_parameters(run_trial, job=cfg.to_dict(), sweep_dir=sweep_dir, base_dir=base_dir,
-                                       data=data, info=info)
+                                       data=data, pad_id=info["pad_id"], how=how)
         if cfg.tune.num_workers == 1:
-            trial_resources = info["resources"]
+            trial_resources = how.resources_per_worker
         else:
             # The trial only drives its Ray Train job (whose workers hold their own resources);
             # Ray Tune needs a non-empty request, so it asks for a sliver of a CPU.
@@ -292,8 +292,6 @@ def tune(cfg: JobConfig) -> str:
 
 def summarize(sweep_dir: str, cfg: JobConfig, errors: dict) -> dict:
     """Write trials.csv, best.json and best/ from the trials' own files; return the table."""
-    from ptm_dist.finetune.worker import better, read_epochs
-
     metric, mode, max_epochs = cfg.tune.metric, cfg.tune.mode, cfg.finetune.epochs
     keys = list(cfg.tune.space)
     rows = []

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptm_dist import storage
-from ptm_dist.data.corpus import _docstrings, _stdlib_files
-from ptm_dist.data.sources import DataError
+from ptm_dist.data.corpus import docstrings, stdlib_files
+from ptm_dist.errors import DataError
 
 # Top-level standard-library modules by family. Families are broad on purpose: the model must
 # learn what the text is about, not recognise one module's vocabulary.
@@ -85,13 +85,13 @@ def ensure_builtin_task(cache: Path) -> Path:
     family_of = {m: fam for fam, mods in FAMILIES.items() for m in mods}
     root = Path(sysconfig.get_paths()["stdlib"])
     by_label: dict[str, dict[str, str]] = {fam: {} for fam in FAMILIES}
-    for path in _stdlib_files():
+    for path in stdlib_files():
         parts = path.relative_to(root).with_suffix("").parts
         fam = family_of.get(parts[0])
         if fam is None or parts[0] == "idlelib":
             continue
         module = ".".join(p for p in parts if p != "__init__")
-        for doc in _docstrings(path):
+        for doc in docstrings(path):
             text = _mask(doc, module)
             by_label[fam].setdefault(_key(text), text)  # identical docstrings once
     short = {fam: len(d) for fam, d in by_label.items() if len(d) < PER_LABEL}

@@ -14,24 +14,38 @@ two differ only in how they report (``TrainReporter`` / ``TuneReporter``).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ptm_dist.checkpoint import DS_TAG
 from ptm_dist.config import JobConfig
-from ptm_dist.engine import initialize, manual_clip
+from ptm_dist.dist import init_single_process, mean_over_ranks, rng_state, set_rng_state
+from ptm_dist.engine import EngineSpec, OptimSpec, manual_clip, prepare
 from ptm_dist.tracking import Tracker, start_finetune
-from ptm_dist.train.loop import rng_state, set_rng_state
-from ptm_dist.train.pretrain import free_port
 
-CKPT_TAG = "ds"
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What a fine-tuning worker (or a sweep trial) receives from the driver, whole."""
+
+    job: JobConfig  # the trial's job in a sweep: the sweep's job with the trial's values
+    out_dir: str  # the run directory, or trials/<trial_id> of a sweep
+    base_dir: str  # the start model, a Hugging Face directory
+    task: dict  # tokenized task: labels, train_ids, train_labels, val_ids, val_labels
+    pad_id: int
+    trial_id: str | None = None
+
+    @property
+    def log_prefix(self) -> str:
+        return f"[ptm trial {self.trial_id}]" if self.trial_id else "[ptm]"
 
 
 def load_tokenizer(model_dir: str):
@@ -67,16 +81,15 @@ def load_model(model_dir: str, labels: list[str], pad_id: int, seed: int):
     return model
 
 
-def engine_job(cfg: JobConfig, total_steps: int) -> JobConfig:
-    """The job as ptm_dist.engine reads it: finetune.* mapped onto train.* for this run."""
+def engine_spec(cfg: JobConfig, total_steps: int) -> EngineSpec:
+    """The engine for fine-tuning: the ``finetune`` section's optimiser and schedule over
+    ``total_steps``, the job's ZeRO settings and precision."""
     ft = cfg.finetune
-    d = cfg.to_dict()
-    d["train"].update(
-        micro_batch=ft.batch_size, grad_accum=1, lr=ft.lr, min_lr=ft.lr * ft.min_lr_ratio,
-        warmup_steps=round(ft.warmup_ratio * total_steps), max_steps=total_steps,
-        weight_decay=ft.weight_decay, grad_clip=ft.grad_clip, activation_checkpointing=False, compile=False,
-    )
-    return JobConfig.model_validate(d)
+    optim = OptimSpec(lr=ft.lr, min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=round(ft.warmup_ratio * total_steps),
+                      max_steps=total_steps, weight_decay=ft.weight_decay, grad_clip=ft.grad_clip,
+                      micro_batch=ft.batch_size, grad_accum=1, betas=tuple(cfg.train.betas))
+    z = cfg.zero
+    return EngineSpec(optim, z.stage, z.offload_optimizer, z.offload_params, cfg.train.precision)
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,13 +176,13 @@ def better(value: float, best: float | None, mode: str) -> bool:
 class FinetuneRun:
     """One worker's state: model, engine, data slices, epoch counters. Usable without Ray."""
 
-    def __init__(self, config: dict, rank: int, world: int, device: torch.device):
-        self.config, self.rank, self.world, self.device = config, rank, world, device
-        self.cfg = cfg = JobConfig.model_validate(config["job"])
+    def __init__(self, spec: FinetuneSpec, rank: int, world: int, device: torch.device):
+        self.spec, self.rank, self.world, self.device = spec, rank, world, device
+        self.cfg = cfg = spec.job
         ft = cfg.finetune
-        task = config["task"]
+        task = spec.task
         self.labels: list[str] = task["labels"]
-        self.pad_id: int = config["pad_id"]
+        self.pad_id: int = spec.pad_id
         self.train_ids, self.train_y = task["train_ids"], task["train_labels"]
         self.val_ids, self.val_y = task["val_ids"], task["val_labels"]
         self.batch = ft.batch_size
@@ -177,10 +190,10 @@ class FinetuneRun:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(self.train_ids)} training examples are fewer than one step of "
                              f"{world} workers x finetune.batch_size {self.batch}")
-        model = load_model(config["base_dir"], self.labels, self.pad_id, cfg.run.seed)
-        self.job = engine_job(cfg, self.steps_per_epoch * ft.epochs)
-        self.engine, self.precision = initialize(model, self.job, device)
-        self.clip = manual_clip(self.job, self.precision)
+        model = load_model(spec.base_dir, self.labels, self.pad_id, cfg.run.seed)
+        self.engine_spec = engine_spec(cfg, self.steps_per_epoch * ft.epochs)
+        self.engine, self.precision = prepare(model, self.engine_spec, device)
+        self.clip = manual_clip(self.engine_spec, self.precision)
         self.epoch, self.step = 0, 0
         self.best: float | None = None
         self.best_epoch = 0
@@ -188,12 +201,12 @@ class FinetuneRun:
     # ------------------------------------------------------------------ state
 
     def save_local(self, out: Path) -> None:
-        self.engine.save_checkpoint(str(out), tag=CKPT_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(out), tag=DS_TAG, save_latest=False)
         torch.save({"epoch": self.epoch, "step": self.step, "best": self.best, "best_epoch": self.best_epoch,
                     "rng": rng_state()}, out / f"rank_{self.rank}.pt")
 
     def restore(self, ckpt_dir: str) -> None:
-        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_optimizer_states=True,
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
@@ -221,7 +234,7 @@ class FinetuneRun:
             self.engine.step()
             total += loss.detach().float()
             self.step += 1
-        return self.mean_over_ranks(total / self.steps_per_epoch)
+        return mean_over_ranks(total / self.steps_per_epoch)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -255,13 +268,6 @@ class FinetuneRun:
         out["eval_loss"] = float(loss_sum[0] / loss_sum[1])
         return out
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        if dist.is_initialized() and self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
-
     def state_dict_fp32(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights on rank 0 (all ranks must call it: ZeRO-3 gathers them)."""
         module = self.engine.module
@@ -285,7 +291,7 @@ class FinetuneRun:
             module = self.engine.module
             module.config.torch_dtype = torch.float32
             module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-            load_tokenizer(self.config["base_dir"]).save_pretrained(str(tmp))
+            load_tokenizer(self.spec.base_dir).save_pretrained(str(tmp))
             (tmp / "ptm_best.json").write_text(json.dumps(
                 {"epoch": self.epoch, "metric": self.cfg.tune.metric, "value": self.best}) + "\n")
             old = Path(out_dir) / ".best-old"
@@ -337,26 +343,27 @@ class TuneReporter:
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(ckpt_dir))
 
 
-def run_epochs(config: dict, rank: int, world: int, device: torch.device, reporter) -> None:
+def run_epochs(spec: FinetuneSpec, rank: int, world: int, device: torch.device, reporter) -> None:
     """Restore, then train and evaluate epoch by epoch until finetune.epochs."""
-    run = FinetuneRun(config, rank, world, device)
+    run = FinetuneRun(spec, rank, world, device)
     cfg = run.cfg
-    out_dir = config["out_dir"]
+    out_dir = spec.out_dir
+    prefix = spec.log_prefix
     metric, mode = cfg.tune.metric, cfg.tune.mode
     ckpt = reporter.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             run.restore(d)
         if rank == 0:
-            print(f"{config['log_prefix']} resumed after epoch {run.epoch}", flush=True)
-    log = EpochLog(out_dir, run.epoch, config["log_prefix"], cfg.finetune.epochs) if rank == 0 else None
+            print(f"{prefix} resumed after epoch {run.epoch}", flush=True)
+    log = EpochLog(out_dir, run.epoch, prefix, cfg.finetune.epochs) if rank == 0 else None
     if rank == 0 and run.epoch == 0:
-        print(f"{config['log_prefix']} {len(run.train_ids)} training / {len(run.val_ids)} validation examples, "
+        print(f"{prefix} {len(run.train_ids)} training / {len(run.val_ids)} validation examples, "
               f"{len(run.labels)} labels, {world} worker(s), ZeRO-{cfg.zero.stage}, {run.precision}, "
               f"{run.steps_per_epoch} steps per epoch", flush=True)
     while run.epoch < cfg.finetune.epochs:
         if log is not None and not log.tracker.enabled:
-            log.tracker = start_finetune(cfg, out_dir, config.get("trial_id"))
+            log.tracker = start_finetune(cfg, out_dir, spec.trial_id)
         t0 = time.perf_counter()
         loss = run.train_epoch()
         run.epoch += 1
@@ -391,13 +398,14 @@ def finetune_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    spec: FinetuneSpec = config["spec"]
     ctx = ray.train.get_context()
-    if config.get("trial_id") and ctx.get_world_rank() == 0:
-        record_placement_group(config["out_dir"])
+    if spec.trial_id and ctx.get_world_rank() == 0:
+        record_placement_group(spec.out_dir)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    run_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), device, TrainReporter())
+    run_epochs(spec, ctx.get_world_rank(), ctx.get_world_size(), device, TrainReporter())
 
 
 PLACEMENT_GROUP_FILE = "placement_group"
@@ -417,17 +425,12 @@ def record_placement_group(out_dir: str) -> None:
         Path(out_dir, PLACEMENT_GROUP_FILE).write_text(pg.id.hex() + "\n")
 
 
-def run_in_trial(config: dict) -> None:
+def run_in_trial(spec: FinetuneSpec) -> None:
     """A one-worker trial in the Tune trial's own process: DeepSpeed over a world of one."""
     import ray
 
     gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-    if gpu:
-        torch.cuda.set_device(device)
+    init_single_process(device)
     random.seed(0)
-    run_epochs(config, 0, 1, device, TuneReporter())
+    run_epochs(spec, 0, 1, device, TuneReporter())

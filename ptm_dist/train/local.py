@@ -13,38 +13,25 @@ builds, as rank 0 of a world of one; the data stream packs shards in this proces
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import storage
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import prepare_data
+from ptm_dist.dist import init_single_process
 from ptm_dist.train.loop import Trainer, copy_report, save_checkpoint
-from ptm_dist.train.pretrain import free_port
+from ptm_dist.train.spec import PretrainSpec
 
 
 def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer:
     device = device or torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    init_single_process(device)
     cfg = cfg.model_copy(deep=True)
     cfg.scaling.num_workers = 1
-    config = {
-        "job": cfg.to_dict(),
-        "run_dir": storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
-        "use_ray_data": False,
-        **prepare_data(cfg).worker_config(),
-    }
-    return Trainer(config, rank=0, world=1, device=device)
+    spec = PretrainSpec(job=cfg, run_dir=storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
+                        data=prepare_data(cfg).for_workers(), use_ray_data=False)
+    return Trainer(spec, rank=0, world=1, device=device)
 
 
 def run_local(cfg: JobConfig, device: torch.device | None = None) -> Trainer:

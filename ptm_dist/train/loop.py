@@ -11,7 +11,6 @@ step, RNG states and the data position (per rank files).
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -23,35 +22,16 @@ import torch.distributed as dist
 
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import faults, models, storage
+from ptm_dist.checkpoint import RankState
 from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
-from ptm_dist.data.sources import Shard
-from ptm_dist.engine import ds_config, initialize, manual_clip
+from ptm_dist.dist import gather_objects, mean_over_ranks, rng_state, set_rng_state
+from ptm_dist.engine import EngineSpec, ds_config, manual_clip, prepare
+from ptm_dist.errors import NonFiniteError, RunStopped, user_message
 from ptm_dist.tracking import MetricsLog, Tracker, gpu_peak_flops
-from ptm_dist.train.step import (
-    NonFiniteError,
-    Objective,
-    PhaseTimer,
-    SpikeDetector,
-    eval_loss_sums,
-    train_step,
-)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+from ptm_dist.train.spec import PretrainSpec
+from ptm_dist.train.step import Objective, PhaseTimer, SpikeDetector, eval_loss_sums, train_step
 
 
 def objective_for(cfg: JobConfig, special: dict, vocab_size: int) -> Objective:
@@ -66,35 +46,30 @@ def objective_for(cfg: JobConfig, special: dict, vocab_size: int) -> Objective:
 class Trainer:
     """State of one worker's run: engine, stream, step counters. Usable without Ray."""
 
-    def __init__(self, config: dict, rank: int, world: int, device: torch.device):
-        self.cfg = cfg = JobConfig.model_validate(config["job"])
-        self.config, self.rank, self.world, self.device = config, rank, world, device
-        self.run_dir: str = config["run_dir"]
-        special = config["special"]
-        vocab = config["vocab_size"]
+    def __init__(self, spec: PretrainSpec, rank: int, world: int, device: torch.device):
+        self.spec, self.cfg = spec, spec.job
+        cfg, data = self.cfg, spec.data
+        self.rank, self.world, self.device = rank, world, device
+        self.run_dir: str = spec.run_dir
+        special = data.special
         self.hf_config = models.hf_config(
-            cfg.model.family, cfg.model.size, vocab, cfg.data.seq_len,
+            cfg.model.family, cfg.model.size, data.vocab_size, cfg.data.seq_len,
             models.SpecialTokens(**special), cfg.model.dropout,
         )
         model = models.build(self.hf_config, seed=cfg.run.seed)
-        if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = models.num_params(model)
         self.flops_per_token = models.flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
-        self.engine, self.precision = initialize(model, cfg, device)
-        if cfg.train.compile:
-            self.engine.compile()
-        self.clip = manual_clip(cfg, self.precision)
-        self.obj = objective_for(cfg, special, vocab)
-        shards = [Shard(**s) for s in config["train_shards"]]
+        self.engine_spec = EngineSpec.for_pretraining(cfg)
+        self.engine, self.precision = prepare(model, self.engine_spec, device)
+        self.clip = manual_clip(self.engine_spec, self.precision)
+        self.obj = objective_for(cfg, special, data.vocab_size)
         self.stream = SequenceStream(
-            shards, config["tokenizer_json"], cfg.data.seq_len, special["eos"], cfg.run.seed,
-            rank, world, cfg.data.read_concurrency, use_ray=config.get("use_ray_data", True),
+            list(data.train_shards), data.tokenizer_json, cfg.data.seq_len, special["eos"], cfg.run.seed,
+            rank, world, cfg.data.read_concurrency, use_ray=spec.use_ray_data,
             max_bad_shards=cfg.data.max_bad_shards, shuffle_window=cfg.data.shuffle_window,
         )
         _, val = take_sequences(
-            [Shard(**s) for s in config["val_shards"]], config["tokenizer_json"],
-            cfg.data.seq_len, special["eos"], cfg.train.eval_sequences,
+            list(data.val_shards), data.tokenizer_json, cfg.data.seq_len, special["eos"], cfg.train.eval_sequences,
         )
         self.probe = torch.as_tensor(val[:1], dtype=torch.long, device=device)
         self.val = torch.as_tensor(val[rank::world], dtype=torch.long, device=device)
@@ -124,32 +99,29 @@ class Trainer:
             )
             if path is None:
                 raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
-            state = torch.load(local / f"rank_{self.rank}.pt", weights_only=False)
+            state = RankState.load(local, self.rank)
         finally:
             storage.drop_local_copy(local, is_tmp)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        if "spikes" in state:
-            self.spikes.load_state_dict(state["spikes"])
-        self.stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.nonfinite_skipped = state.nonfinite_skipped
+        if state.spikes is not None:
+            self.spikes.load_state_dict(state.spikes)
+        self.stream.load_state_dict(state.data)
+        set_rng_state(state.rng)
 
     def save_local(self, out: Path) -> None:
         """Write this rank's part of a checkpoint into local directory ``out``."""
         self.engine.save_checkpoint(str(out), tag=ckpt_lib.DS_TAG, save_latest=False)
         faults.fault_point("save.after_deepspeed", self.step, self.rank)
-        torch.save(
-            {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "rng": rng_state(),
-             "nonfinite_skipped": self.nonfinite_skipped, "spikes": self.spikes.state_dict()},
-            out / f"rank_{self.rank}.pt",
-        )
+        RankState(step=self.step, tokens_seen=self.tokens_seen, data=self.stream.state_dict(), rng=rng_state(),
+                  nonfinite_skipped=self.nonfinite_skipped, spikes=self.spikes.state_dict()).save(out, self.rank)
         faults.fault_point("save.after_rank_state", self.step, self.rank)
         logits = self.probe_logits()
         if self.rank == 0:
             (out / "job.yaml").write_text(self.cfg.to_yaml())
             tok_dir = out / "tokenizer"
             tok_dir.mkdir()
-            for name, text in self.config["tokenizer_files"].items():
+            for name, text in self.spec.data.tokenizer_files.items():
                 (tok_dir / name).write_text(text)
             torch.save({"input_ids": self.probe.cpu(), "logits": logits.cpu(), "precision": self.precision},
                        out / "probe.pt")
@@ -214,7 +186,7 @@ class Trainer:
         if not self.last_step_applied:
             self.nonfinite_skipped += 1
             allowed = self.cfg.train.skip_nonfinite
-            what = (f"step {self.step}: non-finite loss or gradients (loss {self.mean_over_ranks(loss):.4g}, "
+            what = (f"step {self.step}: non-finite loss or gradients (loss {mean_over_ranks(loss):.4g}, "
                     f"grad norm {float(norm) if norm is not None else float('nan'):.4g})")
             if self.nonfinite_skipped > allowed:
                 raise NonFiniteError(
@@ -244,12 +216,9 @@ class Trainer:
     def bad_shards(self) -> dict[int, str]:
         """Bad shards skipped so far by all ranks; more than data.max_bad_shards stops the run
         (each rank also stops as soon as its own count passes the budget)."""
-        bad = dict(self.stream.bad)
-        if dist.is_initialized():
-            gathered: list = [None] * self.world
-            dist.all_gather_object(gathered, bad)
-            for g in gathered:
-                bad.update(g)
+        bad: dict[int, str] = {}
+        for shards in gather_objects(dict(self.stream.bad)):
+            bad.update(shards)
         if len(bad) > self.cfg.data.max_bad_shards:
             names = "; ".join(bad[i] for i in sorted(bad))
             raise BadShardBudgetExceeded(
@@ -273,20 +242,8 @@ class Trainer:
                 print(f"[ptm] warning: {warning}", flush=True)
         return sum(values) / len(values)
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        if dist.is_initialized():
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
-
-
 # Written in the run directory when a worker stops on an error that is the user's to fix.
 FATAL_ERROR = "fatal_error.txt"
-
-
-class RunStopped(RuntimeError):
-    """A restarted worker group met the error that already stopped this run (not retried)."""
 
 
 def train_loop(config: dict) -> None:
@@ -297,22 +254,21 @@ def train_loop(config: dict) -> None:
     repeat, so they are recorded in the run directory and a restarted group stops at once with
     the same message; ``ptm pretrain`` clears the record when it starts.
     """
-    from ptm_dist.cli import _user_error
-
-    faults.install(config.get("faults"))
-    fatal = storage.join(config["run_dir"], FATAL_ERROR)
+    spec: PretrainSpec = config["spec"]
+    faults.install(spec.faults)
+    fatal = storage.join(spec.run_dir, FATAL_ERROR)
     if storage.exists(fatal):
         raise RunStopped(storage.read_text(fatal).strip())
     try:
-        _train_loop(config)
+        _train_loop(spec)
     except Exception as e:
-        message = _user_error(e)
+        message = user_message(e)
         if message is not None:
             storage.write_text(fatal, message + "\n")
         raise
 
 
-def _train_loop(config: dict) -> None:
+def _train_loop(spec: PretrainSpec) -> None:
     import ray
     import ray.train
     import ray.train.torch
@@ -322,13 +278,9 @@ def _train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tr = Trainer(config, rank, world, device)
+    tr = Trainer(spec, rank, world, device)
     cfg = tr.cfg
-    tr.nodes = [ray.get_runtime_context().get_node_id()]
-    if dist.is_initialized():
-        nodes: list = [None] * world
-        dist.all_gather_object(nodes, tr.nodes[0])
-        tr.nodes = nodes
+    tr.nodes = gather_objects(ray.get_runtime_context().get_node_id())
     resume = ckpt_lib.latest_complete_checkpoint(tr.run_dir)
     if resume:
         tr.restore(resume)
@@ -350,13 +302,13 @@ def _train_loop(config: dict) -> None:
         )
         # One wandb run per job, from rank 0 only; its id is kept in the run dir for resumes.
         tr.tracker = Tracker.start(cfg, tr.run_dir, job_type="pretrain", config={
-            "job": cfg.to_dict(), "deepspeed": ds_config(cfg, tr.precision, device.type == "cuda"),
+            "job": cfg.to_dict(), "deepspeed": ds_config(tr.engine_spec, tr.precision, device.type == "cuda"),
             "world_size": world, "n_params": tr.n_params, "tokens_per_step": tr.tokens_per_step,
         })
         print(f"[ptm] {tr.tracker.describe()}", flush=True)
     # With a progress board the driver draws a live bar from rank 0's records instead of the
     # plain step lines below (Ray forwards worker output line by line, which breaks bars).
-    board = config.get("progress_board") if rank == 0 else None
+    board = spec.progress_board if rank == 0 else None
     peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     tokens_per_step = tr.tokens_per_step
 
@@ -483,6 +435,6 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
             tr.tracker.sync()
             faults.fault_point("save.end", step, rank)
     except OSError as e:
-        raise ckpt_lib.CheckpointWriteError(target, e) from e
+        raise ckpt_lib.write_error(target, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

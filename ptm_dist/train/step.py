@@ -16,10 +16,6 @@ from dataclasses import dataclass
 import torch
 
 
-class NonFiniteError(RuntimeError):
-    """A step's loss or gradients were non-finite more often than train.skip_nonfinite allows."""
-
-
 class SpikeDetector:
     """Warns when the loss stays above ``factor`` times its running mean for ``patience`` steps.
 

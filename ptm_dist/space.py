@@ -1,4 +1,4 @@
-"""The sweep's search space: parsed and checked without Ray, turned into Ray Tune domains.
+"""The sweep's search space (``tune.space``), parsed and checked without Ray.
 
 A job's ``tune.space`` maps dotted job keys to one distribution each::
 
@@ -104,21 +104,3 @@ def sample_values(parsed: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
         else:
             lows[key], highs[key] = args
     return [lows, highs, *singles]
-
-
-def to_tune(parsed: dict[str, dict[str, list]], grid_ok: bool = True) -> dict[str, Any]:
-    """Ray Tune domains for the parsed space (grid -> tune.grid_search)."""
-    from ray import tune
-
-    out: dict[str, Any] = {}
-    for key, spec in parsed.items():
-        dist, args = next(iter(spec.items()))
-        if dist == "grid":
-            out[key] = tune.grid_search(list(args)) if grid_ok else tune.choice(list(args))
-        elif dist == "choice":
-            out[key] = tune.choice(list(args))
-        elif dist == "randint":
-            out[key] = tune.randint(args[0], args[1])
-        else:
-            out[key] = getattr(tune, dist)(args[0], args[1])
-    return out

@@ -1,0 +1,94 @@
+"""Driver steps shared by ``ptm finetune`` (run.py) and ``ptm tune`` (sweep.py): where the run
+goes, which model it starts from, the task, and the spec the workers receive.
+
+    cfg, run_dir = resolve_dir(cfg, "finetune")        # <run.storage>/<finetune.name>
+    base_dir = resolve_start(cfg, run_dir)              # a Hugging Face directory
+    data, info = prepare_task(cfg, base_dir)
+    spec = FinetuneSpec(cfg, run_dir, base_dir, data, info["pad_id"])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ptm_dist import checkpoint as ckpt_lib
+from ptm_dist import storage
+from ptm_dist.config import JobConfig, cache_dir
+from ptm_dist.errors import ConfigError
+
+LOG_PREFIX = "[ptm]"
+
+
+def require_local_storage(cfg: JobConfig, command: str) -> str:
+    base = storage.absolute(cfg.run.storage)
+    if storage.is_uri(base):
+        raise ConfigError(f"run.storage {cfg.run.storage!r}: ptm {command} needs a local or shared "
+                          "filesystem path (object storage is supported by ptm pretrain only)")
+    return base
+
+
+def resolve_dir(cfg: JobConfig, section: str) -> tuple[JobConfig, str]:
+    """(the job as it will run, ``<run.storage>/<cfg.<section>.name>``), honouring run.resume:
+    a copy of ``cfg`` whose ``<section>.name`` may be a fresh ``<name>-N``."""
+    base = storage.absolute(cfg.run.storage)
+    name = getattr(cfg, section).name
+    fresh = storage.choose_run_dir(base, name, cfg.run.resume)
+    if fresh != name:
+        print(f"{LOG_PREFIX} run.resume=false and {storage.join(base, name)} holds a run: starting fresh in {fresh}")
+        cfg = cfg.model_copy(deep=True)
+        getattr(cfg, section).name = fresh
+    return cfg, storage.join(base, fresh)
+
+
+def resolve_start(cfg: JobConfig, out_dir: str) -> str:
+    """A Hugging Face model directory to start from (exported into <out_dir>/base if needed)."""
+    from ptm_dist.export import export
+    from ptm_dist.train.pretrain import pretrain
+
+    init = cfg.finetune.init
+    if init is None:
+        src = storage.join(storage.absolute(cfg.run.storage), cfg.run.name)
+        if not ckpt_lib.latest_complete_checkpoint(src):
+            print(f"{LOG_PREFIX} no complete pretraining checkpoint in {src}: pretraining it first", flush=True)
+            pre = cfg.model_copy(deep=True)
+            pre.run.resume = True
+            src = pretrain(pre)
+    else:
+        src = storage.absolute(init)
+        if not storage.exists(src):
+            raise ConfigError(f"finetune.init {init}: no such directory")
+    if storage.exists(storage.join(src, "config.json")):
+        return src
+    if storage.exists(storage.join(src, ckpt_lib.MARKER)):
+        ckpt = src
+    else:
+        ckpt = ckpt_lib.latest_complete_checkpoint(src)
+    if not ckpt:
+        raise ConfigError(f"finetune.init {src}: neither a Hugging Face model directory (config.json) nor a "
+                          "ptm run or checkpoint directory with a complete checkpoint")
+    base = Path(out_dir) / "base"
+    stamp = base / "ptm_source.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("checkpoint") == ckpt:
+        return str(base)
+    info = export(ckpt, str(base))
+    stamp.write_text(json.dumps({"checkpoint": ckpt, "step": info["step"]}) + "\n")
+    print(f"{LOG_PREFIX} start model: {ckpt} (step {info['step']}) exported to {base}", flush=True)
+    return str(base)
+
+
+def prepare_task(cfg: JobConfig, base_dir: str) -> tuple[dict, dict]:
+    """(tokenized task for the workers, a description: labels, sizes, majority baseline)."""
+    from ptm_dist.finetune.task import load_task, tokenize
+    from ptm_dist.finetune.worker import load_tokenizer
+
+    task = load_task(cfg.finetune, cache_dir(cfg))
+    tok = load_tokenizer(base_dir)
+    data = tokenize(task, tok, cfg.finetune.max_length)
+    label, baseline = task.majority_baseline()
+    info = {"source": task.source, "labels": task.labels, "train": len(task.train_texts),
+            "val": len(task.val_texts), "majority_label": label, "majority_baseline": baseline,
+            "pad_id": tok.pad_token_id}
+    print(f"{LOG_PREFIX} task {task.source}: {info['train']} training / {info['val']} validation examples, "
+          f"{len(task.labels)} labels; majority-class baseline accuracy {baseline:.4f} ({label})", flush=True)
+    return data, info
