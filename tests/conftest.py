@@ -1,16 +1,26 @@
-"""Shared fixtures: one local Ray instance per session, a session cache for the built-in corpus
-and tokenizer, and debug-size jobs."""
+"""Shared fixtures of both tiers (tests/unit, tests/e2e): one local Ray instance per session, a
+session cache for the built-in corpus and tokenizer, debug-size jobs, and the e2e marker."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from ptm_dist.config import JobConfig, load
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e/ is marked e2e, so `pytest -m "not e2e"` is the unit tier."""
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +60,7 @@ def ray_session(cache_dir, s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        from ptm_dist.train.pretrain import worker_env_vars
+        from ptm_dist.launch import worker_env_vars
 
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": worker_env_vars()})
@@ -128,7 +138,6 @@ def make_sweep_dir(root) -> dict:
     contract): 4 trials over finetune.lr and finetune.batch_size, one stopped early by ASHA.
     Returns {trial_id: params}."""
     import csv
-    from pathlib import Path
 
     root = Path(root)
     trials = {
@@ -157,3 +166,53 @@ def make_sweep_dir(root) -> dict:
     (root / "best.json").write_text(json.dumps({"trial_id": "t2", "metric": "accuracy", "value": 0.81,
                                                 "config": trials["t2"][0]}))
     return {tid: params for tid, (params, _) in trials.items()}
+
+
+# wandb's offline logs read back with wandb's own reader (``wandb leet inspect --json``), not by
+# trusting what the code meant to log.
+
+
+def offline_runs(root: Path) -> dict[str, list[dict]]:
+    """{offline run directory name: its records} for every offline run under root/wandb/."""
+    import subprocess
+    import sys
+
+    wandb = str(Path(sys.executable).with_name("wandb"))
+    out = {}
+    for d in sorted((root / "wandb").glob("offline-run-*")):
+        proc = subprocess.run([wandb, "leet", "inspect", "--json", str(d)], capture_output=True,
+                              text=True, timeout=120, check=True)
+        out[d.name] = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    return out
+
+
+def of_type(records: list[dict], kind: str) -> list[dict]:
+    return [r[kind] for r in records if r["type"] == kind]
+
+
+def history(records: list[dict]) -> list[dict]:
+    return [h["item"] for h in of_type(records, "history")]
+
+
+def check_figures(report_dir: Path, expected: set[str]) -> str:
+    """The report's PNGs are the expected ones, non-trivial images, all linked from report.md."""
+    import re
+
+    from PIL import Image
+
+    md = (report_dir / "report.md").read_text()
+    pngs = {p.name for p in report_dir.glob("*.png")}
+    assert expected <= pngs, pngs
+    linked = set(re.findall(r"!\[[^\]]+\]\(([^)]+\.png)\)", md))
+    assert linked == pngs
+    digests = set()
+    for name in pngs:
+        with Image.open(report_dir / name) as img:
+            img.load()
+            assert img.format == "PNG" and img.width >= 600 and img.height >= 350
+            colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colors is not None and len(colors) > 50, name  # lines, text, anti-aliasing
+            assert max(c for c, _ in colors) < 0.98 * img.width * img.height, name  # not blank
+        digests.add((report_dir / name).read_bytes())
+    assert len(digests) == len(pngs)  # every figure is a different picture
+    return md

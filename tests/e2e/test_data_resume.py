@@ -18,7 +18,7 @@ from conftest import DEBUG_OVERRIDES
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist.config import load
 from ptm_dist.data.idlog import read_sequence_log
-from ptm_dist.data.pipeline import pack_shard
+from ptm_dist.data.packing import pack_shard
 from ptm_dist.data.prepare import prepare_data
 
 WORDS = ["north", "south", "river", "stone", "light", "ember", "copper", "violet", "maple", "harbor", "signal", "quartz", "meadow", "falcon", "lantern", "orbit", "canyon", "thistle", "glacier", "pepper", "velvet", "summit", "anchor", "willow"]

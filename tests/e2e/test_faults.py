@@ -7,7 +7,8 @@ at named points with ptm_dist.faults (PTM_FAULT). Every test prints its figure.
 Ray runs: 2 workers, ZeRO-2, CPU fp32, 40 steps with a checkpoint every 10 (the reference run is
 shared). Checkpoint-save crashes run in one process without Ray (ptm_dist.train.local.run_local,
 the same Trainer and save_checkpoint), which is cheap enough to cover every save point; one
-more crashes a save on Ray.
+more crashes a save on Ray. The spike detector and retention on plain directories alone are unit
+tests (tests/unit/test_step.py, tests/unit/test_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import torch
 from conftest import DEBUG_OVERRIDES, debug_job, read_lines
 
 from ptm_dist import checkpoint as ck
-from ptm_dist.cli import _user_error
-from ptm_dist.train.pretrain import WorkerFailedError, pretrain
-from ptm_dist.train.step import SpikeDetector
+from ptm_dist.errors import WorkerFailedError, user_message
+from ptm_dist.train.pretrain import pretrain
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent  # this file's directory; tests/ (conftest) is its parent
 LONG = ["train.max_steps=40", "train.ckpt_every=10", "train.eval_every=20", "train.keep_ckpts=5",
         "zero.stage=2", "tracking.wandb=disabled"]
 
@@ -90,7 +90,7 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def run_python(script: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(script)
+    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n" + textwrap.dedent(script)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, check=False)
 
@@ -120,7 +120,7 @@ def test_stop_at_20_and_resume_is_bitwise_the_uninterrupted_run(reference, tmp_p
     monkeypatch.setenv("PTM_FAULT", "train.step@21#1:kill")
     with pytest.raises(WorkerFailedError) as err:
         pretrain(cfg)
-    line = _user_error(err.value)
+    line = user_message(err.value)
     print("max_failures=0:", line)
     assert line is not None and "\n" not in line
     assert line.startswith("worker rank 1 (pid ") and "its process died" in line
@@ -253,7 +253,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_past_the_budget(tm
 
     with pytest.raises(TrainingFailedError) as err:
         pretrain(cfg)
-    line = _user_error(err.value)
+    line = user_message(err.value)
     print("non-finite past the budget:", line)
     assert line.startswith("step 21: non-finite loss or gradients") and "exceed train.skip_nonfinite=2" in line
     lines = {m["step"]: m for m in read_lines(tmp_path / "nf") if "loss" in m}
@@ -278,7 +278,7 @@ import json, os
 from conftest import debug_job
 from test_faults import snapshot_engine, same
 from ptm_dist.train.local import local_trainer
-from ptm_dist.train.step import NonFiniteError
+from ptm_dist.errors import NonFiniteError
 out = {}
 for stage in (0, 2, 3):
     cfg = debug_job(TMP, f"run.name=nf{stage}", f"zero.stage={stage}", "train.skip_nonfinite=1",
@@ -342,15 +342,6 @@ def test_a_nonfinite_step_leaves_weights_optimizer_and_schedule_unchanged(tmp_pa
               f"stopped step unchanged={r['stopped_unchanged']}, next step trains={r['next_step_changes']}")
         assert r["skipped_unchanged"] and r["stopped_unchanged"] and r["next_step_changes"]
         assert r["count"] == 2 and r["message"].startswith("step 4: non-finite loss or gradients")
-
-
-def test_spike_detector():
-    d = SpikeDetector(factor=2.0, patience=3, warmup=5)
-    warnings = [d.update(s, v) for s, v in enumerate([5, 5, 4.9, 4.8, 4.8, 4.7, 12, 13, 12, 11, 4.6, 30], 1)]
-    fired = [i + 1 for i, w in enumerate(warnings) if w]
-    print("spike warnings at steps", fired, "-", next(w for w in warnings if w))
-    assert fired == [9] and d.count == 1 and d.mean < 5  # the spike never entered the running mean
-    assert SpikeDetector(0.0, 1).update(1, 1e9) is None
 
 
 # ---------------------------------------------------------------- 3, 6, 7. saves that crash
@@ -506,7 +497,7 @@ def test_an_unwritable_run_directory_gets_a_clear_error_and_keeps_earlier_checkp
         import json, os, shutil, subprocess
         from conftest import debug_job
         from test_faults import LOCAL
-        from ptm_dist.checkpoint import CheckpointWriteError
+        from ptm_dist.errors import CheckpointWriteError
         from ptm_dist.faults import InjectedFault
         from ptm_dist.train.local import run_local
         TMP = {str(tmp_path)!r}
@@ -584,7 +575,7 @@ def test_a_run_directory_made_unwritable_mid_run_on_ray_stops_with_one_line(tmp_
         subprocess.run(cmds[1], capture_output=True, check=False)
     if not state.get("locked"):
         pytest.skip("could not lock the run directory")
-    line = _user_error(err.value)
+    line = user_message(err.value)
     print("run directory unwritable mid-run (Ray):", line)
     assert line is not None and "\n" not in line
     assert line.startswith((f"cannot write to run directory {run_dir}: ",
@@ -593,26 +584,3 @@ def test_a_run_directory_made_unwritable_mid_run_on_ray_stops_with_one_line(tmp_
     assert ck.latest_complete_checkpoint(str(run_dir)).endswith("checkpoint_00000010")
     pretrain(cfg)  # writable again: resumes from step 10 and finishes
     assert [m["step"] for m in read_lines(run_dir) if "resumed_from" in m] == [10]
-
-
-def test_retention_never_deletes_the_only_complete_checkpoint_when_saves_fail(tmp_path):
-    """checkpoint.py level: keep=1 with failed (partial) saves after the only complete one."""
-    def make(step, complete):
-        d = tmp_path / ck.checkpoint_name(step)
-        (d / "ds").mkdir(parents=True)
-        (d / "ds" / "x.pt").write_text("x")
-        if complete:
-            ck.mark_complete(str(d), {"step": step})
-
-    make(2, True)
-    for step in (4, 6):
-        make(step, False)
-        gone = ck.apply_retention(str(tmp_path), keep=1)
-        assert gone == []
-    make(8, True)
-    gone = ck.apply_retention(str(tmp_path), keep=1)
-    left = [s for s, _, ok in ck.list_checkpoints(str(tmp_path)) if ok]
-    print("retention after failed saves 4, 6 and a complete 8: deleted", [Path(g).name for g in gone],
-          "complete left", left)
-    assert left == [8] and sorted(Path(g).name for g in gone) == [
-        "checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]

@@ -7,6 +7,7 @@ global batches (rebuilt from each rank's deterministic stream): per-step losses 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -18,39 +19,58 @@ import torch
 from conftest import debug_job, read_lines
 
 from ptm_dist import models
-from ptm_dist.config import ConfigError
 from ptm_dist.data.pipeline import SequenceStream
 from ptm_dist.data.prepare import prepare_data
-from ptm_dist.data.sources import Shard
-from ptm_dist.engine import build_optimizer, build_scheduler
-from ptm_dist.train.loop import objective_for
+from ptm_dist.errors import ConfigError
 from ptm_dist.train.pretrain import pretrain
-from ptm_dist.train.step import PlainEngine, train_step
+
+
+def reference_lr(step: int, cfg) -> float:
+    """The job's learning rate at optimizer step ``step`` (0-based), written out from README's
+    description: linear warmup to train.lr over warmup_steps, then half a cosine down to min_lr
+    at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    done = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * done)) / 2
 
 
 def reference_losses(cfg, world: int) -> list[float]:
-    """Per-step losses of a plain PyTorch loop over the global batches the workers see."""
-    wc = prepare_data(cfg).worker_config()
-    special = wc["special"]
-    hf = models.hf_config(cfg.model.family, cfg.model.size, wc["vocab_size"], cfg.data.seq_len,
-                          models.SpecialTokens(**special))
+    """Per-step losses of a plain single-process loop over the global batches the workers see.
+
+    Independent of the code under test: its own AdamW parameter groups (no decay on vectors:
+    biases and norms), its own schedule (reference_lr), its own causal-LM loss, clipping and
+    gradient accumulation; only the model and the data stream are shared."""
+    wd = prepare_data(cfg).for_workers()
+    hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
+                          models.SpecialTokens(**wd.special))
     model = models.build(hf, seed=cfg.run.seed)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    engine = PlainEngine(model, opt, build_scheduler(opt, cfg), cfg.train.grad_accum, cfg.train.grad_clip)
-    shards = [Shard(**s) for s in wc["train_shards"]]
-    streams = [iter(SequenceStream(shards, wc["tokenizer_json"], cfg.data.seq_len, special["eos"],
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
+                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                            lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+    streams = [iter(SequenceStream(list(wd.train_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
                                    cfg.run.seed, r, world, use_ray=False,
                                    shuffle_window=cfg.data.shuffle_window)) for r in range(world)]
-    obj = objective_for(cfg, special, wc["vocab_size"])
     losses = []
-    for _ in range(cfg.train.max_steps):
-        mbs = []
-        for _ in range(cfg.train.grad_accum):
-            rows = [torch.as_tensor(next(s)[1], dtype=torch.long) for s in streams
-                    for _ in range(cfg.train.micro_batch)]
-            mbs.append(torch.stack(rows))
-        loss, _ = train_step(engine, mbs, obj)
-        losses.append(float(loss))
+    for step in range(t.max_steps):
+        for group in opt.param_groups:
+            group["lr"] = reference_lr(step, cfg)
+        total = 0.0
+        for _ in range(t.grad_accum):
+            ids = torch.stack([torch.as_tensor(next(s)[1], dtype=torch.long) for s in streams
+                               for _ in range(t.micro_batch)])
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                     ids[:, 1:].reshape(-1))
+            (loss / t.grad_accum).backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total / t.grad_accum)
     return losses
 
 
@@ -171,7 +191,7 @@ def test_worker_step_runs_in_one_plain_process_without_ray(tmp_path):
     torch.distributed for itself."""
     script = textwrap.dedent(f"""
         import json, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         from conftest import debug_job
         from test_train import reference_losses
         from ptm_dist.train.local import local_trainer

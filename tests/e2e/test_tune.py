@@ -1,5 +1,6 @@
-"""Sweeps: search-space parsing and its errors, a sweep end to end (real Ray Tune, ASHA, real
-DeepSpeed in every trial), and a sweep killed mid-way and resumed with the same command."""
+"""Sweeps: a sweep end to end (real Ray Tune, ASHA, real DeepSpeed in every trial), a sweep
+killed mid-way and resumed with the same command, multi-worker trials queueing, and the
+pretrain-then-sweep pipeline. Search-space parsing and its errors: tests/unit/test_space.py."""
 
 from __future__ import annotations
 
@@ -12,84 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import debug_job
 from ft_helpers import make_start, plain_transformers_accuracy, start_overrides
 
-from ptm_dist.config import ConfigError, load
-from ptm_dist.finetune.space import parse_space, to_tune
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_space_parsing_flat_and_nested():
-    space = parse_space({
-        "finetune.lr": {"loguniform": [1e-4, 1e-2]},
-        "finetune": {"batch_size": {"choice": [8, 16]}, "weight_decay": {"uniform": [0, 0.1]}},
-        "run.seed": {"randint": [0, 10]},
-        "finetune.warmup_ratio": {"grid": [0.0, 0.1]},
-    })
-    assert space == {
-        "finetune.lr": {"loguniform": [1e-4, 1e-2]},
-        "finetune.batch_size": {"choice": [8, 16]},
-        "finetune.weight_decay": {"uniform": [0.0, 0.1]},
-        "run.seed": {"randint": [0, 10]},
-        "finetune.warmup_ratio": {"grid": [0.0, 0.1]},
-    }
-    domains = to_tune(space)
-    assert domains["finetune.warmup_ratio"] == {"grid_search": [0.0, 0.1]}
-    assert domains["finetune.lr"].lower == 1e-4 and domains["finetune.lr"].upper == 1e-2
-    assert domains["finetune.batch_size"].categories == [8, 16]
-    # --set with a dotted key under tune.space gives the nested form
-    cfg = load(None, ["tune.space.finetune.lr={loguniform: [0.0001, 0.01]}"])
-    assert cfg.tune.space == {"finetune.lr": {"loguniform": [0.0001, 0.01]}}
-
-
-@pytest.mark.parametrize("override, expected", [
-    ("tune.space.finetune.lr={logunif: [1e-4, 1e-2]}",
-     "tune.space: finetune.lr: unknown distribution 'logunif'; allowed: uniform, loguniform, choice, randint, grid"),
-    ("tune.space.finetune.lr={loguniform: [0, 0.1]}", "tune.space: finetune.lr: loguniform needs low > 0"),
-    ("tune.space.finetune.lr={uniform: [0.1, 0.01]}", "tune.space: finetune.lr: uniform needs low < high"),
-    ("tune.space.finetune.lr={uniform: [0.1]}", "tune.space: finetune.lr: uniform needs [low, high]"),
-    ("tune.space.finetune.lr={uniform: [a, 1]}", "tune.space: finetune.lr: uniform bound must be a number"),
-    ("tune.space.run.seed={randint: [0, 2.5]}", "tune.space: run.seed: randint needs integer bounds"),
-    ("tune.space.finetune.lr={choice: []}", "tune.space: finetune.lr: choice needs a non-empty list"),
-    ("tune.space.finetune.lr=0.1", "tune.space: finetune.lr: expected one distribution"),
-    ("tune.space.finetune.data={choice: [a.csv]}", "tune.space: finetune.data: cannot be swept; allowed keys:"),
-    ("tune.space.finetune.batch_size={choice: [0, 8]}",
-     "tune.space: finetune.batch_size: value 0 is not allowed: Input should be greater than or equal to 1"),
-    ("tune.space={}", "tune.space: empty"),
-    ("tune.scheduler=hyperband", "tune.scheduler = 'hyperband': Input should be 'asha', 'pbt' or 'fifo'"),
-    ("tune.metric=acc", "tune.metric = 'acc'"),
-])
-def test_space_errors_are_one_line(override, expected):
-    with pytest.raises(ConfigError) as e:
-        load(None, [override])
-    msg = str(e.value)
-    assert "\n" not in msg and expected in msg, msg
-
-
-@pytest.mark.parametrize("overrides, expected", [
-    (["tune.scheduler=pbt", "tune.num_workers=2"], "pbt needs tune.num_workers 1"),
-    (["tune.search=optuna", "tune.space.finetune.lr={grid: [0.1, 0.2]}"], "optuna cannot expand grid entries"),
-    (["tune.metric=eval_loss"], "eval_loss needs tune.mode min"),
-])
-def test_tune_section_errors(overrides, expected):
-    with pytest.raises(ConfigError, match=expected):
-        load(None, overrides)
-
-
-def test_optuna_missing_is_a_one_line_error():
-    pytest.importorskip("ray.tune.search.optuna")
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        from ptm_dist.finetune.sweep import _search
-
-        with pytest.raises(ConfigError, match="needs the optuna package: pip install optuna"):
-            _search(load(None, ["tune.search=optuna"]))
-    else:
-        pytest.skip("optuna is installed")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _csv(path: Path) -> list[dict]:
@@ -213,7 +140,7 @@ def test_pipeline_pretrains_then_sweeps(tmp_path_factory, tmp_path, ray_session,
     """`ptm pipeline`: the job's pretraining run, then a sweep that starts from that run."""
     import yaml
 
-    from ptm_dist.finetune.run import pipeline
+    from ptm_dist.pipeline import pipeline
     from ptm_dist.tracking import read_metrics
 
     start = make_start(tmp_path_factory.getbasetemp() / "ft-start")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ptm_dist import checkpoint as ck
 
 
@@ -57,3 +59,26 @@ def test_resolve_source_accepts_run_or_checkpoint(tmp_path):
     d = make(tmp_path, 20)
     assert ck.resolve_source(str(tmp_path)) == str(d)
     assert ck.resolve_source(str(d)) == str(d)
+
+
+def test_retention_never_deletes_the_only_complete_checkpoint_when_saves_fail(tmp_path):
+    """checkpoint.py level: keep=1 with failed (partial) saves after the only complete one."""
+    def make(step, complete):
+        d = tmp_path / ck.checkpoint_name(step)
+        (d / "ds").mkdir(parents=True)
+        (d / "ds" / "x.pt").write_text("x")
+        if complete:
+            ck.mark_complete(str(d), {"step": step})
+
+    make(2, True)
+    for step in (4, 6):
+        make(step, False)
+        gone = ck.apply_retention(str(tmp_path), keep=1)
+        assert gone == []
+    make(8, True)
+    gone = ck.apply_retention(str(tmp_path), keep=1)
+    left = [s for s, _, ok in ck.list_checkpoints(str(tmp_path)) if ok]
+    print("retention after failed saves 4, 6 and a complete 8: deleted", [Path(g).name for g in gone],
+          "complete left", left)
+    assert left == [8] and sorted(Path(g).name for g in gone) == [
+        "checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]

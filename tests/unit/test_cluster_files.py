@@ -12,7 +12,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = sorted((ROOT / "cluster").glob("*.yaml"))
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))

@@ -1,0 +1,1 @@
+"""Unit tier: no Ray cluster, no `ptm` subprocess, no pretrain/finetune/tune run."""

@@ -1,0 +1,110 @@
+"""ptm_dist.data.pipeline in process (use_ray=False): shard order, exact resume mid-epoch and
+across epochs, and the bad-shard budget. The same streams through Ray Data: tests/e2e/test_data.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from data_helpers import _bad_stream_setup, _epoch_ids, _stream_shards, _take, docs_tok_json
+from tokenizers import Tokenizer
+
+from ptm_dist.data.packing import split_id
+from ptm_dist.data.pipeline import SequenceStream, shard_order, take_sequences
+from ptm_dist.data.tokenizer import EOS
+from ptm_dist.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok_json():
+    return docs_tok_json()
+
+
+def test_shard_order_partitions_every_epoch():
+    for epoch in range(3):
+        parts = [shard_order(10, 1, epoch, r, 3) for r in range(3)]
+        assert sorted(i for p in parts for i in p) == list(range(10))
+    assert shard_order(10, 1, 0, 0, 3) != shard_order(10, 1, 1, 0, 3)
+
+
+def test_stream_resumes_exactly_mid_epoch_and_across_epochs(tmp_path, tok_json):
+    shards = _stream_shards(tmp_path)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+
+    def make():
+        return SequenceStream(shards, tok_json, 16, eos, seed=0, rank=1, world=2, use_ray=False)
+
+    full = _take(make(), 400)  # more than one epoch of this rank's shards
+    assert len(set(full[:50])) == 50
+    for cut in (1, 37, 150, 333):
+        first = make()
+        head = _take(first, cut)
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert head + _take(resumed, 400 - cut) == full
+
+
+def test_stream_needs_a_shard_per_worker(tmp_path, tok_json):
+    with pytest.raises(DataError, match="1 shard.* 2 workers"):
+        SequenceStream(_stream_shards(tmp_path, 1), tok_json, 16, 0, 0, 0, 2, use_ray=False)
+
+
+def test_take_sequences_is_a_prefix(tmp_path, tok_json):
+    shards = _stream_shards(tmp_path, 2)
+    ids, rows = take_sequences(shards, tok_json, 16, 0, 10)
+    assert rows.shape == (10, 16) and [split_id(int(i))[0] for i in ids] == [0] * 10
+
+
+def test_strict_by_default_a_bad_shard_stops_the_stream_naming_it(tmp_path, tok_json):
+    shards, bad_uri, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False)
+    with pytest.raises(DataError, match=rf"{bad_uri}: line 11: not valid JSON"):
+        _epoch_ids(stream)
+
+
+def test_bad_shard_budget_skips_the_rest_of_the_shard_and_counts_it(tmp_path, tok_json):
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    got = _epoch_ids(stream)
+    assert list(stream.bad) == [2] and "line 11: not valid JSON" in stream.bad[2]
+    assert len(got) == len(set(got))  # nothing replayed
+    # Everything from the good shards, and from the bad one only what precedes the bad line.
+    clean = SequenceStream([s for s in shards], tok_json, 16, eos, 0, rank, 2, use_ray=False)
+    clean.bad = {2: "skip"}
+    expected_good = _epoch_ids(clean)
+    from_bad = [i for i in got if split_id(i)[0] == 2]
+    assert [i for i in got if split_id(i)[0] != 2] == expected_good
+    # Documents are read in batches, so at most what precedes the corrupt line was emitted.
+    assert len(from_bad) < 30
+
+
+def test_the_shard_past_the_budget_fails_the_run(tmp_path, tok_json):
+    from ptm_dist.data.pipeline import BadShardBudgetExceeded
+
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    other = next(i for i in shard_order(6, 0, 0, rank, 2) if i != 2)
+    Path(shards[other].uri).write_text("")  # an empty shard: the second bad one
+    stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    with pytest.raises(BadShardBudgetExceeded, match=r"bad shard 2, over data.max_bad_shards=1"):
+        _epoch_ids(stream)
+
+
+def test_skipped_shards_are_remembered_across_resume(tmp_path, tok_json):
+    shards, _, eos = _bad_stream_setup(tmp_path, tok_json)
+    rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
+    first = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    full = _epoch_ids(first)
+    cut = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    head = []
+    for seq_id, _ in cut:
+        head.append(seq_id)
+        if len(head) == len(full) - 5:
+            break
+    assert cut.bad  # the bad shard was met before the cut
+    resumed = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
+    resumed.load_state_dict(cut.state_dict())
+    assert head + _epoch_ids(resumed) == full
+    assert list(resumed.bad) == [2]

@@ -1,0 +1,31 @@
+"""ptm_dist.data.tokens: token shards (`ptm prepare --tokens`) written in process; a truncated
+one is named. Token shards against the raw-text stream through Ray: tests/e2e/test_data_mix.py."""
+
+from __future__ import annotations
+
+import pytest
+from data_helpers import _eos, _shards, mix_tok_dir
+
+from ptm_dist.data.packing import pack_shard
+from ptm_dist.data.tokens import token_shards, write_token_dataset
+from ptm_dist.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok_json(tok_dir):
+    return (tok_dir / "tokenizer.json").read_text()
+
+
+def test_truncated_token_shard_is_named(tmp_path, tok_dir, tok_json):
+    shards = _shards(tmp_path, 2)
+    write_token_dataset(str(tmp_path / "t"), {"train": shards, "val": []}, tok_dir, 16, _eos(tok_json), 300)
+    path = tmp_path / "t" / "train" / "000001.bin"
+    path.write_bytes(path.read_bytes()[:-3])
+    (bad,) = [s for s in token_shards(str(tmp_path / "t"), "train") if s.uri.endswith("000001.bin")]
+    with pytest.raises(DataError, match=r"000001.bin: \d+ bytes is not a whole number of 16-token rows of uint16"):
+        list(pack_shard(bad, 1, tok_json, 16, 0))
