@@ -1,10 +1,18 @@
-"""Commit markers, resume selection and retention (on plain directories)."""
+"""ptm_dist.checkpoint on plain directories: commit markers, resume selection, retention, the
+versioned format (marker "format", per-rank RankState) and the run identity check."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+import torch
+import yaml
+
 from ptm_dist import checkpoint as ck
+from ptm_dist.config import load
+from ptm_dist.errors import CheckpointFormatError, ConfigError, user_message
 
 
 def make(run, step, complete=True):
@@ -82,3 +90,83 @@ def test_retention_never_deletes_the_only_complete_checkpoint_when_saves_fail(tm
           "complete left", left)
     assert left == [8] and sorted(Path(g).name for g in gone) == [
         "checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
+
+
+# ---------------------------------------------------------------- the versioned format
+
+
+def test_mark_complete_writes_the_format_version(tmp_path):
+    d = make(tmp_path, 10)
+    marker = json.loads((d / ck.MARKER).read_text())
+    assert marker == {"step": 10, "format": ck.FORMAT_VERSION}
+    assert ck.read_meta(str(d)) == marker
+    assert not (d / f"{ck.MARKER}.tmp").exists()  # written atomically
+
+
+def test_a_marker_without_format_reads_as_format_1(tmp_path):
+    d = make(tmp_path, 10, complete=False)
+    (d / ck.MARKER).write_text(json.dumps({"step": 10, "tokens_seen": 640}))  # written before "format" existed
+    assert ck.read_meta(str(d)) == {"step": 10, "tokens_seen": 640, "format": 1}
+
+
+@pytest.mark.parametrize("version", [99, "2", None])
+def test_a_newer_or_unknown_format_is_refused_naming_the_directory(tmp_path, version):
+    d = make(tmp_path, 10, complete=False)
+    (d / ck.MARKER).write_text(json.dumps({"step": 10, "format": version}))
+    with pytest.raises(CheckpointFormatError) as e:
+        ck.read_meta(str(d))
+    msg = str(e.value)
+    assert msg.startswith(f"{d}: checkpoint format {version!r} ") and f"up to {ck.FORMAT_VERSION}" in msg
+    assert "\n" not in msg and user_message(e.value) == msg
+
+
+def test_rank_state_round_trip_keeps_unknown_keys_in_extra(tmp_path):
+    state = ck.RankState(step=12, tokens_seen=1536, data={"epoch": 1, "last_id": 77, "consumed": 40},
+                         rng={"python": [3, 1, 4], "torch": torch.arange(5)}, nonfinite_skipped=2,
+                         spikes={"mean": 3.5, "seen": 12, "high": 0, "count": 1})
+    state.save(tmp_path, rank=1)
+    assert (tmp_path / "rank_1.pt").exists() and not (tmp_path / "rank_0.pt").exists()
+    back = ck.RankState.load(tmp_path, rank=1)
+    assert (back.step, back.tokens_seen, back.data, back.nonfinite_skipped, back.spikes, back.extra) == (
+        12, 1536, state.data, 2, state.spikes, {})
+    assert back.rng["python"] == [3, 1, 4] and torch.equal(back.rng["torch"], torch.arange(5))
+    # a later format's file: unknown fields (top level or already under extra) land in .extra
+    raw = torch.load(tmp_path / "rank_1.pt", weights_only=False)
+    torch.save({**raw, "new_field": [1, 2], "extra": {"older_extra": "x"}}, tmp_path / "rank_0.pt")
+    later = ck.RankState.load(tmp_path, rank=0)
+    assert later.extra == {"new_field": [1, 2], "older_extra": "x"} and later.step == 12
+    # an older file without the optional fields gets their defaults
+    torch.save({k: raw[k] for k in ("step", "tokens_seen", "data", "rng")}, tmp_path / "rank_2.pt")
+    old = ck.RankState.load(tmp_path, rank=2)
+    assert (old.nonfinite_skipped, old.spikes, old.extra) == (0, None, {})
+
+
+def test_rank_state_missing_or_not_ours_is_a_format_error(tmp_path):
+    with pytest.raises(CheckpointFormatError, match=r"rank_3.pt: missing; the checkpoint holds no state for rank 3"):
+        ck.RankState.load(tmp_path, rank=3)
+    torch.save({"step": 1, "rng": {}}, tmp_path / "rank_0.pt")
+    with pytest.raises(CheckpointFormatError, match=r"rank_0.pt: not a ptm rank state \(no tokens_seen, data\)"):
+        ck.RankState.load(tmp_path, rank=0)
+
+
+def test_check_same_run_refuses_a_changed_identity_key(tmp_path):
+    job = load(None, ["data.seq_len=32"]).to_dict()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    make(tmp_path, 10)
+    ck.check_same_run(str(tmp_path), job)  # the same job resumes
+    ck.check_same_run(str(tmp_path), {**job, "train": {**job["train"], "lr": 1.0}})  # not an identity key
+    changed = load(None, ["data.seq_len=64"]).to_dict()
+    with pytest.raises(ConfigError) as e:
+        ck.check_same_run(str(tmp_path), changed)
+    msg = str(e.value)
+    assert f"{tmp_path} holds a run with a different data.seq_len (data.seq_len: 32 -> 64)" in msg
+    assert "run.resume=false" in msg
+    stage = load(None, ["data.seq_len=32", "zero.stage=3"]).to_dict()
+    with pytest.raises(ConfigError, match=r"different zero.stage \(zero.stage: 2 -> 3\)"):
+        ck.check_same_run(str(tmp_path), stage)
+
+
+def test_check_same_run_lets_a_run_without_a_complete_checkpoint_start_over(tmp_path):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(load(None, ["data.seq_len=32"]).to_dict()))
+    make(tmp_path, 10, complete=False)
+    ck.check_same_run(str(tmp_path), load(None, ["data.seq_len=64"]).to_dict())
