@@ -337,7 +337,8 @@ def format_report(r: dict) -> str:
         f"{'  backward (ms)':<22}{sb['backward_s'] * 1e3:>14.1f}{bb['backward_s'] * 1e3:>14.1f}",
         f"{'  optimizer (ms)':<22}{sb['optimizer_s'] * 1e3:>14.1f}{bb['optimizer_s'] * 1e3:>14.1f}",
         f"{'all-reduce grads (ms)':<22}{sb['allreduce_grads_s'] * 1e3:>14.1f}{'-':>14}",
-        (f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
+        (f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}"
+         f"{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
         f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})"),
         f"ratio (system / baseline{' x GPUs' if r['device'] != 'cpu' else ' on the same CPU'}): {r['ratio']:.3f}",
     ]

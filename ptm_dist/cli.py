@@ -142,7 +142,8 @@ def cmd_prepare(args) -> None:
     from ptm_dist.progress import Progress, human
 
     cfg = load(args.job, args.overrides)
-    owns_ray = connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)  # the tokenizer sample and the token shards are read by Ray tasks
+    # The tokenizer sample and the token shards are read by Ray tasks.
+    owns_ray = connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     try:
         data = prepare_data(cfg)
         print(f"training shards: {len(data.train)}")
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
                "prepare": cmd_prepare, "export": cmd_export,
-               "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
+               "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
+               "jobs": cmd_jobs}[args.command]
     ray_was_up = _ray_is_up()
     try:
         handler(args)

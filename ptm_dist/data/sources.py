@@ -90,7 +90,8 @@ def _hf_dataset_shards(fs: pafs.FileSystem, base_path: str, path: str, text_colu
     if dataset_dict is not None:
         splits = dataset_dict.get("splits", [])
         raise DataError(
-            f"{path}: a DatasetDict with splits {splits}; name one split's directory, e.g. {path}/{splits[0] if splits else 'train'}"
+            f"{path}: a DatasetDict with splits {splits}; name one split's directory, "
+            f"e.g. {path}/{splits[0] if splits else 'train'}"
         )
     state = read("state.json")
     if state is None:

@@ -21,7 +21,9 @@ from ptm_dist.data.idlog import read_sequence_log
 from ptm_dist.data.packing import pack_shard
 from ptm_dist.data.prepare import prepare_data
 
-WORDS = ["north", "south", "river", "stone", "light", "ember", "copper", "violet", "maple", "harbor", "signal", "quartz", "meadow", "falcon", "lantern", "orbit", "canyon", "thistle", "glacier", "pepper", "velvet", "summit", "anchor", "willow"]
+WORDS = ["north", "south", "river", "stone", "light", "ember", "copper", "violet", "maple", "harbor", "signal",
+         "quartz", "meadow", "falcon", "lantern", "orbit", "canyon", "thistle", "glacier", "pepper", "velvet",
+         "summit", "anchor", "willow"]
 DOCS = [f"record {i}: " + " ".join(WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(28)) for i in range(160)]
 
 
@@ -41,7 +43,8 @@ def test_driver_kill_mid_epoch_then_rerun_consumes_each_sequence_once(tmp_path, 
     corpus = tmp_path / "corpus"
     _corpus(corpus)
     overrides = [*DEBUG_OVERRIDES, f"run.storage={tmp_path}", "run.name=killed",
-                 f"data.sources=[{{path: '{corpus}/part-*.jsonl'}}]", f"data.val_sources=[{{path: '{corpus}/val.jsonl'}}]",
+                 f"data.sources=[{{path: '{corpus}/part-*.jsonl'}}]",
+                 f"data.val_sources=[{{path: '{corpus}/val.jsonl'}}]",
                  "data.seq_len=16", "data.shuffle_window=16", "data.log_sequence_ids=true",
                  "train.max_steps=60", "train.ckpt_every=8", "train.eval_every=100", "train.keep_ckpts=3",
                  "tracking.wandb=offline"]

@@ -27,8 +27,8 @@ def test_report_on_a_pretraining_run(tracked_run, capsys):
 
 def test_report_on_a_directory_that_is_neither_is_one_line_error(tmp_path, capsys, ray_session):
     assert main(["report", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == (f"ptm report: error: {tmp_path}: neither a run directory (metrics.jsonl) "
-                                   "nor a sweep directory (sweep.json)")
+    assert capsys.readouterr().err.strip() == (
+        f"ptm report: error: {tmp_path}: neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
     # main() called in-process leaves a Ray it did not start running (the shared test instance)
     assert ray_session.is_initialized()
 

@@ -53,7 +53,8 @@ def test_sweep_end_to_end(tmp_path_factory, tmp_path, ray_session, capsys):
     best = json.loads((sweep_dir / "best.json").read_text())
     top = max(rows, key=lambda r: float(r["accuracy"]))
     assert best["metric"] == "accuracy" and best["value"] == float(top["accuracy"])
-    assert best["config"] == {"finetune.lr": float(top["finetune.lr"]), "finetune.batch_size": int(top["finetune.batch_size"])}
+    assert best["config"] == {"finetune.lr": float(top["finetune.lr"]),
+                              "finetune.batch_size": int(top["finetune.batch_size"])}
     acc = plain_transformers_accuracy(sweep_dir / "best", start["val"])
     assert abs(acc - best["value"]) <= 0.005, (acc, best["value"])
 
@@ -102,7 +103,8 @@ def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
     for t in done:  # finished before the kill: not trained again
         assert (sweep_dir / "trials" / t / "best" / "model.safetensors").stat().st_mtime_ns == finished_mtime[t]
     for t in after:
-        epochs = [json.loads(ln)["epoch"] for ln in (sweep_dir / "trials" / t / "metrics.jsonl").read_text().splitlines()]
+        lines = (sweep_dir / "trials" / t / "metrics.jsonl").read_text().splitlines()
+        epochs = [json.loads(ln)["epoch"] for ln in lines]
         assert epochs == [1, 2, 3]
     rows = _csv(sweep_dir / "trials.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}

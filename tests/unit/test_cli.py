@@ -32,7 +32,8 @@ def test_job_commands_take_a_job_file_and_repeated_sets():
 
 def test_bench_export_report_and_plan():
     a = parse("bench", "train", "--steps", "7", "--set", "train.micro_batch=2")
-    assert (a.command, a.bench, a.steps, a.warmup, a.search_micro_batch, a.json) == ("bench", "train", 7, 5, False, None)
+    got = (a.command, a.bench, a.steps, a.warmup, a.search_micro_batch, a.json)
+    assert got == ("bench", "train", 7, 5, False, None)
     assert a.overrides == ["train.micro_batch=2"]
     assert parse("bench", "train").steps == 20
     a = parse("bench", "data", "--max-shards", "3", "--scale", "4", "--memory", "--json", "out.json")

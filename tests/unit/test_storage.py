@@ -75,4 +75,5 @@ def test_a_write_interrupted_half_way_leaves_the_old_content(tmp_path, monkeypat
 def test_paths_and_uris():
     assert storage.is_uri("s3://b/k") and storage.is_uri("gs://b/k") and not storage.is_uri("/tmp/x")
     assert storage.absolute("s3://b/k") == "s3://b/k"
-    assert storage.absolute("relative/dir").startswith("/") and storage.absolute("relative/dir").endswith("relative/dir")
+    absolute = storage.absolute("relative/dir")
+    assert absolute.startswith("/") and absolute.endswith("relative/dir")
