@@ -60,10 +60,17 @@ def ray_session(cache_dir, s3_endpoint):
     import ray
 
     if not ray.is_initialized():
+        from ptm_dist.dist import free_port
         from ptm_dist.launch import worker_env_vars
 
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": worker_env_vars()})
+        # As ptm's own local Ray (launch.connect_ray): a dashboard on localhost serving the state
+        # API, and its address in every Ray process. Without them Ray Train's placement-group
+        # cleaner cannot reach the state API and each Train job waits on it (about 12 s at its
+        # start and again at its end, measured on this machine).
+        port = free_port()
+        env = {**worker_env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
