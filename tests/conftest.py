@@ -75,6 +75,20 @@ def ray_session(cache_dir, s3_endpoint):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """The tokenizer trained on data_helpers.MIX_DOCS (saved for transformers), shared by the data
+    tests of both tiers that only read it; a module may define its own ``tok_json`` instead."""
+    from data_helpers import mix_tok_dir
+
+    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tok_json(tok_dir):
+    return (tok_dir / "tokenizer.json").read_text()
+
+
 DEBUG_OVERRIDES = [
     "model.size=debug",
     "data.seq_len=32",

@@ -9,22 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_helpers import _eos, _epoch, _shards, mix_tok_dir
+from data_helpers import _eos, _epoch, _shards
 
 from ptm_dist.data.pipeline import SequenceStream
 from ptm_dist.data.tokenizer import _sample
 from ptm_dist.data.tokens import token_shards, write_token_dataset
 from ptm_dist.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok_json(tok_dir):
-    return (tok_dir / "tokenizer.json").read_text()
 
 
 def test_token_shards_give_the_same_stream(tmp_path, tok_dir, tok_json, ray_session):

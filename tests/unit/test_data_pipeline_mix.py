@@ -7,21 +7,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import pytest
-from data_helpers import _eos, _epoch, _epoch_iter, _shards, mix_tok_dir, replace_uri
+from data_helpers import _eos, _epoch, _epoch_iter, _shards, replace_uri
 
 from ptm_dist.data.packing import split_id
 from ptm_dist.data.pipeline import SequenceStream, epoch_slots
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok_json(tok_dir):
-    return (tok_dir / "tokenizer.json").read_text()
 
 
 def test_epoch_slots_follow_the_weights():

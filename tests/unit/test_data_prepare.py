@@ -4,20 +4,10 @@ raw text."""
 from __future__ import annotations
 
 import pytest
-from data_helpers import _eos, _shards, mix_tok_dir
+from data_helpers import _eos, _shards
 
 from ptm_dist.data.tokens import write_token_dataset
 from ptm_dist.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok_json(tok_dir):
-    return (tok_dir / "tokenizer.json").read_text()
 
 
 def test_token_sources_cannot_mix_with_raw_text(tmp_path, tok_dir, tok_json, cache_dir):

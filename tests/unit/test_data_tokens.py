@@ -4,21 +4,11 @@ one is named. Token shards against the raw-text stream through Ray: tests/e2e/te
 from __future__ import annotations
 
 import pytest
-from data_helpers import _eos, _shards, mix_tok_dir
+from data_helpers import _eos, _shards
 
 from ptm_dist.data.packing import pack_shard
 from ptm_dist.data.tokens import token_shards, write_token_dataset
 from ptm_dist.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return mix_tok_dir(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok_json(tok_dir):
-    return (tok_dir / "tokenizer.json").read_text()
 
 
 def test_truncated_token_shard_is_named(tmp_path, tok_dir, tok_json):
