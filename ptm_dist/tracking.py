@@ -121,6 +121,18 @@ def run_id(run_dir: str, *, fresh: bool = False) -> str:
     return new
 
 
+def forget_inherited_wandb_service() -> None:
+    """Called where a worker process starts: its wandb runs use a wandb service of its own.
+
+    wandb records the address of the service a process starts in WANDB_SERVICE, and child
+    processes inherit it: a driver (or notebook, or test session) that used wandb before
+    starting Ray hands its service to every Ray worker. A worker killed with its driver then
+    leaves its run registered in that longer-lived service, and the re-run's worker, continuing
+    the same run id, fails with 'run ID ... is in use' (seen when a test session's earlier
+    in-process wandb run had set it)."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def _scrub(value, secrets_: tuple[str, ...]):
     """``value`` with any string holding one of ``secrets_`` replaced (belt and braces: the
     config is built from the job, which never reads the environment)."""

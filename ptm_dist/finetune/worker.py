@@ -29,7 +29,7 @@ from ptm_dist.checkpoint import DS_TAG
 from ptm_dist.config import JobConfig
 from ptm_dist.dist import init_single_process, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, OptimSpec, manual_clip, prepare
-from ptm_dist.tracking import Tracker, start_finetune
+from ptm_dist.tracking import Tracker, forget_inherited_wandb_service, start_finetune
 
 
 @dataclass(frozen=True)
@@ -399,6 +399,7 @@ def finetune_worker(config: dict) -> None:
     import ray.train.torch
 
     spec: FinetuneSpec = config["spec"]
+    forget_inherited_wandb_service()
     ctx = ray.train.get_context()
     if spec.trial_id and ctx.get_world_rank() == 0:
         record_placement_group(spec.out_dir)
@@ -429,6 +430,7 @@ def run_in_trial(spec: FinetuneSpec) -> None:
     """A one-worker trial in the Tune trial's own process: DeepSpeed over a world of one."""
     import ray
 
+    forget_inherited_wandb_service()
     gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     init_single_process(device)

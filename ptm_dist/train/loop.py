@@ -29,7 +29,7 @@ from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_
 from ptm_dist.dist import gather_objects, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, ds_config, manual_clip, prepare
 from ptm_dist.errors import NonFiniteError, RunStopped, user_message
-from ptm_dist.tracking import MetricsLog, Tracker, gpu_peak_flops
+from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
 from ptm_dist.train.spec import PretrainSpec
 from ptm_dist.train.step import Objective, PhaseTimer, SpikeDetector, eval_loss_sums, train_step
 
@@ -256,6 +256,7 @@ def train_loop(config: dict) -> None:
     """
     spec: PretrainSpec = config["spec"]
     faults.install(spec.faults)
+    forget_inherited_wandb_service()
     fatal = storage.join(spec.run_dir, FATAL_ERROR)
     if storage.exists(fatal):
         raise RunStopped(storage.read_text(fatal).strip())

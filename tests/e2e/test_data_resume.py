@@ -58,6 +58,14 @@ def test_driver_kill_mid_epoch_then_rerun_consumes_each_sequence_once(tmp_path, 
             every.update(batch["id"].tolist())
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[f"--set={o}" for o in overrides]]
+    # An in-process wandb run leaves its service's address in WANDB_SERVICE, which every child
+    # inherits (here: the ptm driver, its Ray and the workers). The workers must not use that
+    # longer-lived service: a killed worker's run would stay registered there and the re-run
+    # could not continue the same wandb run ('run ID ... is in use').
+    import wandb
+
+    wandb.init(mode="offline", dir=str(tmp_path), project="probe").finish()
+    assert os.environ.get("WANDB_SERVICE")
     env = {**os.environ, "PTM_PROGRESS": "plain"}
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
