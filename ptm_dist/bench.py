@@ -97,6 +97,7 @@ def system_worker(config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    from ptm_dist.dist import gather_objects
     from ptm_dist.train.loop import Trainer
     from ptm_dist.train.step import PhaseTimer
 
@@ -133,6 +134,10 @@ def system_worker(config: dict) -> None:
     del grads
     stats = torch.tensor([float(_peak_mem(device, rss0)), elapsed], device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    # The slowest rank sets the system's tokens/s, so its step breakdown is the one reported
+    # (rank 0's own could disagree with the tokens/s figure by the ranks' spread).
+    phases = max(gather_objects((elapsed, _phase_report(timer.totals, steps, elapsed, wait))),
+                 key=lambda ranked: ranked[0])[1]
     metrics = {
         "tokens_per_s": tr.tokens_per_step * steps / float(stats[1]),
         "peak_mem_bytes": int(stats[0]),
@@ -142,7 +147,7 @@ def system_worker(config: dict) -> None:
         "flops_per_token": tr.flops_per_token,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "allreduce_grads_s": allreduce_s,
-        **_phase_report(timer.totals, steps, elapsed, wait),
+        **phases,
     }
     # Ray Train returns the metrics of checkpointed reports only: rank 0 attaches a tiny one.
     with tempfile.TemporaryDirectory() as d:
