@@ -258,8 +258,7 @@ def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_b
     worker_data = prepare_data(cfg).for_workers()
     data = asdict(worker_data)  # for the baseline subprocess, as JSON
     connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
-    how = Launch.resolve(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.resources_per_worker,
-                         cfg.scaling.placement)
+    how = Launch.from_scaling(cfg.scaling)
     gpu = how.use_gpu
     print(f"[bench] system: {cfg.scaling.num_workers} Ray Train workers, {warmup} warm-up + {steps} timed steps",
           flush=True)

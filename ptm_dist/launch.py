@@ -91,6 +91,11 @@ class Launch:
         gpu = use_gpu(use_gpu_setting)
         return cls(num_workers, gpu, dict(resources or ({"GPU": 1} if gpu else {"CPU": 1})), placement)
 
+    @classmethod
+    def from_scaling(cls, scaling) -> Launch:
+        """From a job's ``scaling`` section (call after connect_ray)."""
+        return cls.resolve(scaling.num_workers, scaling.use_gpu, scaling.resources_per_worker, scaling.placement)
+
 
 def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_path: str,
                  max_failures: int = 0, keep_checkpoints: int | None = None):

@@ -44,6 +44,20 @@ def choose_run_dir(base: str, name: str, resume: bool) -> str:
     return f"{name}-{n}"
 
 
+def resolve_run_dir(cfg, section: str = "run"):
+    """(the job as it will run, ``<run.storage>/<cfg.<section>.name>``) for a JobConfig ``cfg``,
+    honouring run.resume: a copy of ``cfg`` whose ``<section>.name`` may be a fresh
+    ``<name>-N`` (see choose_run_dir); ``cfg`` itself is left as it is."""
+    base = absolute(cfg.run.storage)
+    name = getattr(cfg, section).name
+    fresh = choose_run_dir(base, name, cfg.run.resume)
+    if fresh != name:
+        print(f"[ptm] run.resume=false and {join(base, name)} holds a run: starting fresh in {fresh}")
+        cfg = cfg.model_copy(deep=True)
+        getattr(cfg, section).name = fresh
+    return cfg, join(base, fresh)
+
+
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

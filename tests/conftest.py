@@ -65,8 +65,8 @@ def ray_session(cache_dir, s3_endpoint):
 
         # As ptm's own local Ray (launch.connect_ray): a dashboard on localhost serving the state
         # API, and its address in every Ray process. Without them Ray Train's placement-group
-        # cleaner cannot reach the state API and each Train job waits on it (about 12 s at its
-        # start and again at its end, measured on this machine).
+        # cleaner cannot reach the state API and each Train job waits on it (a one-step debug job
+        # on a warm session took 35-37 s without it, 24-26 s with it, on the quiet 2-core machine).
         port = free_port()
         env = {**worker_env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",

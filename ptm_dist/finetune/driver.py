@@ -1,7 +1,7 @@
 """Driver steps shared by ``ptm finetune`` (run.py) and ``ptm tune`` (sweep.py): where the run
 goes, which model it starts from, the task, and the spec the workers receive.
 
-    cfg, run_dir = resolve_dir(cfg, "finetune")        # <run.storage>/<finetune.name>
+    cfg, run_dir = storage.resolve_run_dir(cfg, "finetune")   # <run.storage>/<finetune.name>
     base_dir = resolve_start(cfg, run_dir)              # a Hugging Face directory
     data, info = prepare_task(cfg, base_dir)
     spec = FinetuneSpec(cfg, run_dir, base_dir, data, info["pad_id"])
@@ -26,19 +26,6 @@ def require_local_storage(cfg: JobConfig, command: str) -> str:
         raise ConfigError(f"run.storage {cfg.run.storage!r}: ptm {command} needs a local or shared "
                           "filesystem path (object storage is supported by ptm pretrain only)")
     return base
-
-
-def resolve_dir(cfg: JobConfig, section: str) -> tuple[JobConfig, str]:
-    """(the job as it will run, ``<run.storage>/<cfg.<section>.name>``), honouring run.resume:
-    a copy of ``cfg`` whose ``<section>.name`` may be a fresh ``<name>-N``."""
-    base = storage.absolute(cfg.run.storage)
-    name = getattr(cfg, section).name
-    fresh = storage.choose_run_dir(base, name, cfg.run.resume)
-    if fresh != name:
-        print(f"{LOG_PREFIX} run.resume=false and {storage.join(base, name)} holds a run: starting fresh in {fresh}")
-        cfg = cfg.model_copy(deep=True)
-        getattr(cfg, section).name = fresh
-    return cfg, storage.join(base, fresh)
 
 
 def resolve_start(cfg: JobConfig, out_dir: str) -> str:

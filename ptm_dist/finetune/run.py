@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ptm_dist import launch, storage
 from ptm_dist.config import JobConfig
-from ptm_dist.finetune.driver import prepare_task, require_local_storage, resolve_dir, resolve_start
+from ptm_dist.finetune.driver import prepare_task, require_local_storage, resolve_start
 from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read_epochs
 
 
@@ -28,13 +28,12 @@ def finetune(cfg: JobConfig) -> str:
 
     base = require_local_storage(cfg, "finetune")
     t0 = time.time()
-    cfg, run_dir = resolve_dir(cfg, "finetune")
+    cfg, run_dir = storage.resolve_run_dir(cfg, "finetune")
     base_dir = resolve_start(cfg, run_dir)
     data, info = prepare_task(cfg, base_dir)
     owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     try:
-        how = launch.Launch.resolve(cfg.scaling.num_workers, cfg.scaling.use_gpu,
-                                    cfg.scaling.resources_per_worker, cfg.scaling.placement)
+        how = launch.Launch.from_scaling(cfg.scaling)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
         storage.write_text(storage.join(run_dir, "task.json"), json.dumps(info, indent=1) + "\n")

@@ -35,7 +35,6 @@ from ptm_dist.finetune.driver import (
     LOG_PREFIX,
     prepare_task,
     require_local_storage,
-    resolve_dir,
     resolve_start,
 )
 from ptm_dist.finetune.worker import (
@@ -226,7 +225,7 @@ def tune(cfg: JobConfig) -> str:
 
     require_local_storage(cfg, "tune")
     t0 = time.time()
-    cfg, sweep_dir = resolve_dir(cfg, "tune")
+    cfg, sweep_dir = storage.resolve_run_dir(cfg, "tune")
     desc = sweep_description(cfg)
     _check_same_sweep(sweep_dir, desc)
     base_dir = resolve_start(cfg, sweep_dir)

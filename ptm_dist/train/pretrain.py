@@ -23,19 +23,6 @@ from ptm_dist.train.loop import FATAL_ERROR, train_loop
 from ptm_dist.train.spec import PretrainSpec
 
 
-def resolve_job(cfg: JobConfig) -> tuple[JobConfig, str]:
-    """(the job as it will run, its run directory), honouring run.resume: a copy of ``cfg``
-    whose run.name may be a fresh ``<name>-N``; ``cfg`` itself is left as it is."""
-    base = storage.absolute(cfg.run.storage)
-    name = storage.choose_run_dir(base, cfg.run.name, cfg.run.resume)
-    if name != cfg.run.name:
-        print(f"[ptm] run.resume=false and {storage.join(base, cfg.run.name)} holds a run: "
-              f"starting fresh in {name}")
-        cfg = cfg.model_copy(deep=True)
-        cfg.run.name = name
-    return cfg, storage.join(base, name)
-
-
 def clear_fatal_error(run_dir: str) -> None:
     """A new command is a new attempt: forget the error that stopped the previous one."""
     path = storage.join(run_dir, FATAL_ERROR)
@@ -49,15 +36,14 @@ def pretrain(cfg: JobConfig) -> str:
     import ray
     import ray.train
 
-    cfg, run_dir = resolve_job(cfg)
+    cfg, run_dir = storage.resolve_run_dir(cfg)
     ckpt_lib.check_same_run(run_dir, cfg.to_dict())
     t0 = time.time()
     owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     data = prepare_data(cfg)  # after Ray is up: a tokenizer still to train samples shards with Ray tasks
     print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}")
-    how = launch.Launch.resolve(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.resources_per_worker,
-                                cfg.scaling.placement)
+    how = launch.Launch.from_scaling(cfg.scaling)
     storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
     launch.forget_ray_checkpoint_index(run_dir)
     clear_fatal_error(run_dir)

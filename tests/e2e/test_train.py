@@ -66,7 +66,7 @@ def reference_losses(cfg, world: int) -> list[float]:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                                      ids[:, 1:].reshape(-1))
             (loss / t.grad_accum).backward()
-            total += float(loss)
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

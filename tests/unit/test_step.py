@@ -90,13 +90,15 @@ def test_train_step_on_plain_engine_is_the_hand_written_adamw_step(clips):
     for step in range(2):
         loss, norm = train_step(engine, batches(step), obj, clip=OPTIM.grad_clip if clips == "step" else 0.0)
         want_loss, want_norm = hand_step(ref, hand, batches(step))
+        # Measured: loss 5.7e-8 and norm 2.6e-8 relative apart, weights at most 2.6e-7 (float32
+        # sums against the hand step's float64 norm); the bounds leave about 10x room.
         assert float(loss) == pytest.approx(want_loss, rel=1e-6)
-        assert float(norm) == pytest.approx(want_norm, rel=1e-5) and want_norm > OPTIM.grad_clip
+        assert float(norm) == pytest.approx(want_norm, rel=1e-6) and want_norm > OPTIM.grad_clip
         worst = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
         moved = min((a - b).abs().max().item() for a, b in zip(model.parameters(), debug_model().parameters()))
         print(f"step {step}: loss {want_loss:.5f}, grad norm {want_norm:.4f}, max weight difference {worst:.2e}")
         assert moved > 0  # every parameter tensor changed ...
-        assert worst < 1e-5  # ... as by hand: float32 rounding is ~1e-7, a wrong update ~1e-4 or more
+        assert worst < 3e-6  # ... as by hand: float32 rounding is ~1e-7, a wrong update ~1e-4 or more
     # the schedule advanced once per optimizer step: step 2's lr is the warmup's end
     assert opt.param_groups[0]["lr"] == pytest.approx(OPTIM.lr)
     assert [g["weight_decay"] for g in opt.param_groups] == [OPTIM.weight_decay, 0.0]
