@@ -13,6 +13,9 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job YAML file (default: the built-in tiny job)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's, DeepSpeed's and other libraries' output here (as PTM_VERBOSE=1); "
+                   "it always goes to <run_dir>/logs/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,30 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_pretrain(args) -> None:
     from ptm_dist.config import load
+
+    cfg = load(args.job, args.overrides)  # before the heavy imports: a typo is reported at once
     from ptm_dist.train.pretrain import pretrain
 
-    pretrain(load(args.job, args.overrides))
+    pretrain(cfg)
 
 
 def cmd_finetune(args) -> None:
     from ptm_dist.config import load
+
+    cfg = load(args.job, args.overrides)  # before the heavy imports: a typo is reported at once
     from ptm_dist.finetune.run import finetune
 
-    finetune(load(args.job, args.overrides))
+    finetune(cfg)
 
 
 def cmd_tune(args) -> None:
     from ptm_dist.config import load
+
+    cfg = load(args.job, args.overrides)  # before the heavy imports: a typo is reported at once
     from ptm_dist.finetune.sweep import tune
 
-    tune(load(args.job, args.overrides))
+    tune(cfg)
 
 
 def cmd_pipeline(args) -> None:
     from ptm_dist.config import load
+
+    cfg = load(args.job, args.overrides)  # before the heavy imports: a typo is reported at once
     from ptm_dist.pipeline import pipeline
 
-    pipeline(load(args.job, args.overrides))
+    pipeline(cfg)
 
 
 def cmd_prepare(args) -> None:
@@ -296,6 +307,8 @@ def _stop_ray(was_up: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["PTM_VERBOSE"] = "1"
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
                "prepare": cmd_prepare, "export": cmd_export,
                "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
@@ -313,11 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         from ptm_dist.errors import user_message
 
         msg = user_message(e)
-        if msg is None:
+        logs = getattr(e, "ptm_logs", None)  # set by runlogs.RunLogs, which holds the traceback
+        if msg is None and logs is None:
             raise
+        status = 2  # the user's to fix
+        if msg is None:  # a library's error (or a bug): one line, the traceback is in the log
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            msg = f"{type(e).__name__}: {first}".rstrip(": ") + f" (traceback and library output: {logs})"
+            status = 1
         _stop_ray(ray_was_up)
         print(f"ptm {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return status
     return 0
 
 

@@ -53,7 +53,7 @@ class ModelSection(_Section):
     family: Literal["gpt2", "llama", "bert"] = Field(
         "gpt2", description="Architecture family: gpt2 and llama are causal LMs, bert is a masked LM."
     )
-    size: str = Field("tiny", description="Named size from ptm_dist.models.SIZES for the family.")
+    size: str = Field("tiny", description="Named size from ptm_dist.sizes.SIZES for the family.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 for pretraining).")
     mlm_probability: float = Field(
         0.15, gt=0.0, lt=1.0, description="Fraction of tokens masked for the bert family."
@@ -61,7 +61,7 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _size_exists(self) -> ModelSection:
-        from ptm_dist.models import SIZES
+        from ptm_dist.sizes import SIZES
 
         sizes = SIZES[self.family]
         if self.size not in sizes:

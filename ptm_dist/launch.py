@@ -11,12 +11,15 @@ moves them breaks one file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 
-from ptm_dist.dist import free_port
+from ptm_dist import progress, runlogs
+from ptm_dist.errors import ConfigError
 
 # Environment for Ray workers. Ray Train's print patch would echo every progress line twice
 # (once through its logger, once to the captured stdout); the loops print plainly.
@@ -32,12 +35,83 @@ def worker_env_vars() -> dict[str, str]:
     return env
 
 
+def joins_cluster() -> bool:
+    """Whether connect_ray joins a running cluster (RAY_ADDRESS) rather than starting Ray here."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def machine_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_cpu_problem(num_workers: int, resources_per_worker: dict | None, cores: int) -> str | None:
+    """Why a local run cannot have the CPUs its workers ask for, or None.
+
+    Each worker is a process holding its own copy of the model and optimizer; more worker CPUs
+    than cores means minutes of start-up and workers that fight for the cores (a local Ray would
+    happily start them all, it is given logical CPUs)."""
+    per_worker = (resources_per_worker or {}).get("CPU", 1)
+    need = num_workers * per_worker
+    if need <= cores:
+        return None
+    fit = max(int(cores // per_worker), 1)
+    return (f"scaling.num_workers={num_workers} x {per_worker:g} CPU = {need:g} CPUs, but this machine has "
+            f"{cores} core{'s' if cores != 1 else ''}: use scaling.num_workers <= {fit}, give workers a fraction "
+            "of a core each (scaling.resources_per_worker={CPU: 0.5}), or join a cluster (RAY_ADDRESS)")
+
+
+def check_local_cpus(num_workers: int, resources_per_worker: dict | None = None) -> None:
+    """Refuse, before Ray starts, a local run whose workers need more CPUs than this machine has
+    (a no-op when joining a cluster or when Ray is already up)."""
+    ray = sys.modules.get("ray")  # not imported for this check
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return
+    problem = local_cpu_problem(num_workers, resources_per_worker, machine_cpus())
+    if problem:
+        raise ConfigError(problem)
+
+
+def capacity_shortfall(num_workers: int, per_worker: dict, total: dict, available: dict) -> str | None:
+    """'need 64 CPU (64 workers x {CPU: 1}), the cluster has 4 CPU' when the workers do not fit
+    in the cluster's resources now (``total``: all nodes; ``available``: not held by others)."""
+    need = {k: v * num_workers for k, v in per_worker.items() if v}
+    short = [k for k in need if need[k] > available.get(k, 0)]
+    if not short:
+        return None
+    wants = ", ".join(f"{need[k]:g} {k}" for k in short)
+    each = ", ".join(f"{k}: {v:g}" for k, v in per_worker.items())
+    has = ", ".join(f"{total.get(k, 0):g} {k} ({available.get(k, 0):g} free)" for k in short)
+    return f"need {wants} ({num_workers} workers x {{{each}}}), the cluster has {has}"
+
+
+def check_capacity(launch: Launch, local: bool) -> None:
+    """Say at once when the workers cannot be placed: a local Ray never grows, so that is an
+    error; on a cluster a line says what Ray Train is waiting for (nodes may join, other jobs
+    may end). Call after connect_ray."""
+    import ray
+
+    short = capacity_shortfall(launch.num_workers, launch.resources_per_worker, ray.cluster_resources(),
+                               ray.available_resources())
+    if short is None:
+        return
+    if local:
+        raise ConfigError(f"the workers do not fit on this machine: {short}; lower scaling.num_workers or "
+                          "change scaling.resources_per_worker / scaling.use_gpu")
+    progress.print_line(f"[ptm] waiting for resources: {short}; Ray Train starts the workers when "
+                                "they fit (an autoscaler may add nodes; Ctrl-C to stop)")
+
+
 def connect_ray(num_workers: int, resources_per_worker: dict | None = None) -> bool:
     """Join the cluster in RAY_ADDRESS, or start a local Ray with room for data tasks.
 
     Ray Data's read/tokenize/pack tasks need CPUs that the training workers hold: on a small
-    machine the local instance gets extra logical CPUs so the stream never stalls. Returns
-    whether this call connected (the caller then disconnects when done).
+    machine the local instance gets extra logical CPUs so the stream never stalls. A local run
+    whose workers need more CPUs than the machine has is refused (check_local_cpus). Ray's
+    forwarded worker output goes through runlogs.route. Returns whether this call connected
+    (the caller then disconnects when done).
     """
     import ray
 
@@ -50,11 +124,15 @@ def connect_ray(num_workers: int, resources_per_worker: dict | None = None) -> b
         missing = {k: v for k, v in env["env_vars"].items() if os.environ.get(k) != v}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": missing} if missing else None,
                  log_to_driver=True)
+        _route_ray_output()
         return True
+    check_local_cpus(num_workers, resources_per_worker)
+    from ptm_dist.dist import free_port
+
     per_worker = (resources_per_worker or {}).get("CPU", 1)
     cpus = int(num_workers * per_worker + max(2, os.cpu_count() or 1))
     print(f"[ptm] starting local Ray with {cpus} logical CPUs "
-          f"({num_workers} workers x {per_worker} CPU + room for data tasks)")
+          f"({num_workers} workers x {per_worker} CPU + room for data tasks)", flush=True)
     # The dashboard (on localhost only) serves the state API Ray Train polls; without it Ray
     # logs a warning every few seconds. Ray processes find the state API by auto-detecting the
     # cluster, which can pick a stale address left by an earlier `ray start` (Ray Train's
@@ -63,7 +141,20 @@ def connect_ray(num_workers: int, resources_per_worker: dict | None = None) -> b
     env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env=env, log_to_driver=True)
+    _route_ray_output()
     return True
+
+
+def _route_ray_output() -> None:
+    """Send what Ray forwards from its processes through runlogs.route instead of straight to
+    the terminal (under Ray's own handler name, so ray.shutdown removes it)."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    ray_print = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", functools.partial(runlogs.route, ray_print=ray_print))
 
 
 def use_gpu(setting: bool | str) -> bool:

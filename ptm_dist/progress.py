@@ -32,6 +32,18 @@ def use_bar(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+_bar: Progress | None = None  # the bar on the terminal now, if any
+
+
+def print_line(line: str) -> None:
+    """A line of ptm's own on stdout: above the live bar when one is drawn."""
+    bar = _bar
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
 def human(x: float) -> str:
     """17234 -> '17.2k', 3.4e6 -> '3.40M'."""
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -68,6 +80,8 @@ class Progress:
 
             self._tqdm = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
                               dynamic_ncols=True, smoothing=0.1, leave=True)
+            global _bar
+            _bar = self
 
     def update(self, n: int, **fields) -> None:
         """Move to absolute position ``n`` and show ``fields`` (values as given, or formatted)."""
@@ -114,6 +128,9 @@ class Progress:
         if self._closed:
             return
         self._closed = True
+        global _bar
+        if _bar is self:
+            _bar = None
         if self._tqdm is not None:
             self._tqdm.close()
         elif self._printed_n != self.n and self.n != self.start_n:

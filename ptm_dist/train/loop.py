@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import faults, models, storage
+from ptm_dist import faults, models, runlogs, storage
 from ptm_dist.checkpoint import RankState
 from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
@@ -254,6 +254,10 @@ def train_loop(config: dict) -> None:
     repeat, so they are recorded in the run directory and a restarted group stops at once with
     the same message; ``ptm pretrain`` clears the record when it starts.
     """
+    import ray.train
+
+    # First line of every worker: the driver files this process's output as worker<rank>.log.
+    print(runlogs.rank_mark(ray.train.get_context().get_world_rank()), flush=True)
     spec: PretrainSpec = config["spec"]
     faults.install(spec.faults)
     forget_inherited_wandb_service()
@@ -429,6 +433,7 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
                 "nodes": tr.nodes, "device": device_name(tr.device),
             }, fault_step=step)
             faults.fault_point("save.after_marker", step, rank)
+            print(f"[ptm] step {step} checkpoint {target}", flush=True)
             ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
             faults.fault_point("save.before_metrics_sync", step, rank)
             if log is not None:

@@ -1,4 +1,4 @@
-"""`ptm pretrain`: the driver. Prepares data, starts or joins Ray, runs the TorchTrainer.
+"""`ptm pretrain`: the driver. Checks the job and its data, starts or joins Ray, runs the TorchTrainer.
 
     run_dir = pretrain(load("jobs/tiny.yaml"))
 
@@ -6,6 +6,11 @@ The run directory is ``<run.storage>/<run.name>``. With ``run.resume`` (the defa
 directory that holds checkpoints is continued from its newest complete one; otherwise a fresh
 directory ``<name>-2``, ``<name>-3``... is used, so two runs never mix. The workers receive one
 frozen ``PretrainSpec`` (ptm_dist.train.spec) built here.
+
+Everything that can be checked without Ray (the workers' CPUs against this machine's, shard
+lists, formats, the tokenizer) is checked before torch, DeepSpeed or Ray are imported or
+started, so such mistakes are reported in seconds. Library output goes to ``<run_dir>/logs/``
+(ptm_dist.runlogs); the terminal shows ptm's own lines.
 """
 
 from __future__ import annotations
@@ -14,17 +19,17 @@ import contextlib
 import time
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import faults, launch, progress, storage, tracking
+from ptm_dist import faults, launch, progress, runlogs, storage, tracking
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
 from ptm_dist.tracking import read_metrics
-from ptm_dist.train.loop import FATAL_ERROR, train_loop
-from ptm_dist.train.spec import PretrainSpec
 
 
 def clear_fatal_error(run_dir: str) -> None:
     """A new command is a new attempt: forget the error that stopped the previous one."""
+    from ptm_dist.train.loop import FATAL_ERROR
+
     path = storage.join(run_dir, FATAL_ERROR)
     if storage.exists(path):
         fs, p = storage.resolve(path)
@@ -33,52 +38,66 @@ def clear_fatal_error(run_dir: str) -> None:
 
 def pretrain(cfg: JobConfig) -> str:
     """Run the job; returns the run directory."""
-    import ray
-    import ray.train
-
     cfg, run_dir = storage.resolve_run_dir(cfg)
     ckpt_lib.check_same_run(run_dir, cfg.to_dict())
     t0 = time.time()
-    owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
-    data = prepare_data(cfg)  # after Ray is up: a tokenizer still to train samples shards with Ray tasks
+    launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    # Before Ray starts: a missing path, an unknown format or an unreadable tokenizer is an
+    # error in seconds. (A tokenizer still to train samples the shards in this process.)
+    data = prepare_data(cfg)
     print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
-          f"tokenizer {data.tokenizer_dir}")
-    how = launch.Launch.from_scaling(cfg.scaling)
-    storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
-    launch.forget_ray_checkpoint_index(run_dir)
-    clear_fatal_error(run_dir)
-    resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
-    if tracking.resolve_mode(cfg.tracking.wandb) != "disabled":
-        # Stored before training so that a resumed job (even after a killed driver) continues
-        # the same wandb run; a job that starts from step 0 is a new run.
-        tracking.run_id(run_dir, fresh=resume_from is None)
-    follower = contextlib.nullcontext()
-    board = None
-    if progress.use_bar():
-        board = progress.start_board()
-        start = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
-        follower = progress.BoardFollower(board, cfg.train.max_steps, start)
-    spec = PretrainSpec(job=cfg, run_dir=run_dir, data=data.for_workers(), faults=faults.for_workers(),
-                        progress_board=board)
-    trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
-                                  storage_path=storage.absolute(cfg.run.storage),
-                                  max_failures=cfg.train.max_failures)
+          f"tokenizer {data.tokenizer_dir}", flush=True)
+    worker_data = data.for_workers()
+    with runlogs.RunLogs(run_dir, "pretrain") as logs:
+        _train(cfg, run_dir, worker_data, logs)
+    print_summary(run_dir, time.time() - t0, logs.where)
+    return run_dir
+
+
+def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> None:
+    import ray
+    import ray.train
+
+    from ptm_dist.train.loop import train_loop
+    from ptm_dist.train.spec import PretrainSpec
+
+    owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     try:
-        with follower:
-            trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        failure = getattr(e, "controller_failure", None)
-        if isinstance(failure, OSError):  # Ray Train's own writes to an unwritable or full run dir
-            raise ckpt_lib.write_error(run_dir, failure, run_dir=run_dir) from e
-        message = worker_failure_message(e, cfg.train.max_failures, run_dir)
-        if message is None:
-            raise
-        raise WorkerFailedError(message) from e
+        how = launch.Launch.from_scaling(cfg.scaling)
+        launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
+        storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
+        launch.forget_ray_checkpoint_index(run_dir)
+        clear_fatal_error(run_dir)
+        resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
+        if tracking.resolve_mode(cfg.tracking.wandb) != "disabled":
+            # Stored before training so that a resumed job (even after a killed driver) continues
+            # the same wandb run; a job that starts from step 0 is a new run.
+            tracking.run_id(run_dir, fresh=resume_from is None)
+        follower = contextlib.nullcontext()
+        board = None
+        if progress.use_bar():
+            board = progress.start_board()
+            start = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
+            follower = progress.BoardFollower(board, cfg.train.max_steps, start)
+        spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, faults=faults.for_workers(),
+                            progress_board=board)
+        trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
+                                      storage_path=storage.absolute(cfg.run.storage),
+                                      max_failures=cfg.train.max_failures)
+        try:
+            with follower:
+                trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            failure = getattr(e, "controller_failure", None)
+            if isinstance(failure, OSError):  # Ray Train's own writes to an unwritable or full run dir
+                raise ckpt_lib.write_error(run_dir, failure, run_dir=run_dir) from e
+            message = worker_failure_message(e, cfg.train.max_failures, run_dir)
+            if message is None:
+                raise
+            raise WorkerFailedError(f"{message}; worker output: {logs.local}") from e
     finally:
         if owns_ray:
             ray.shutdown()  # also flushes forwarded worker logs, so the summary comes last
-    print_summary(run_dir, time.time() - t0)
-    return run_dir
 
 
 def worker_failure_message(e: BaseException, max_failures: int, run_dir: str) -> str | None:
@@ -110,7 +129,7 @@ def summarize(run_dir: str) -> dict:
     return out
 
 
-def print_summary(run_dir: str, seconds: float) -> None:
+def print_summary(run_dir: str, seconds: float, logs: str | None = None) -> None:
     s = summarize(run_dir)
     print("\n== ptm pretrain summary ==")
     if "step" in s:
@@ -125,5 +144,7 @@ def print_summary(run_dir: str, seconds: float) -> None:
     if wandb_line:
         print(wandb_line)
     print(f"report: ptm report {run_dir}")
+    if logs:
+        print(f"logs: {logs} (Ray, DeepSpeed and other library output; PTM_VERBOSE=1 shows it here)")
     print(f"wall time: {seconds:.0f}s")
     print(f"run_dir: {run_dir}", flush=True)

@@ -88,3 +88,27 @@ def test_main_runs_plan_in_process(capsys):
     assert main(["plan", str(JOBS / "gpt2-124m.yaml"), "--gpus", "8", "--gpu-mem", "80"]) == 0
     table, _, js = capsys.readouterr().out.partition("\n{")
     assert "recommended: zero" in table and json.loads("{" + js)["gpus"] == 8
+
+
+def test_a_typo_is_reported_in_a_second_without_loading_torch_or_ray():
+    """`ptm pretrain --set train.lrr=1` in a fresh interpreter: one line, before torch, DeepSpeed,
+    transformers or Ray are imported (it took 5-7 s when the command imported them first)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys\nfrom ptm_dist.cli import main\nrc = main(['pretrain', '--set', 'train.lrr=1'])\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'deepspeed', 'ray') if m in sys.modules))\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - t0
+    print(f"typo reported in {seconds:.2f}s (interpreter start included)")
+    assert proc.stdout.strip() == "2 []"
+    assert proc.stderr.strip() == ("ptm pretrain: error: default job with --set train.lrr=1: train.lrr: unknown key "
+                                   "(did you mean train.lr?)")
+    assert seconds < 3  # about 0.3 s on the 2-core machine; importing torch alone takes longer
+
+
+def test_verbose_flag_on_the_job_commands():
+    assert parse("pretrain", "--verbose").verbose and parse("finetune", "-v").verbose
+    assert not parse("tune").verbose

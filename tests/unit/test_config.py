@@ -108,3 +108,25 @@ def test_resolved_job_round_trips():
 def test_tune_section_errors(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         load(None, overrides)
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "ray")
+
+
+def test_validating_a_job_imports_neither_torch_nor_ray():
+    """Loading and validating every shipped job (model sizes included) and rejecting a typo
+    needs pydantic and YAML only, so a mistake is reported before torch or Ray load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pathlib\n"
+        "from ptm_dist.config import ConfigError, load\n"
+        f"for p in sorted(pathlib.Path({str(JOBS[0].parent)!r}).glob('*.yaml')): load(p)\n"
+        "load(None, ['model.family=llama', 'model.size=1b'])\n"
+        "try:\n    load(None, ['model.size=huge'])\nexcept ConfigError as e:\n    print(e)\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "model.size 'huge' does not exist for family 'gpt2'; allowed: debug, tiny, 124m, 350m, 1b" in out
+    assert out.strip().splitlines()[-1] == "[]"
