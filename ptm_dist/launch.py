@@ -47,31 +47,41 @@ def machine_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def local_cpu_problem(num_workers: int, resources_per_worker: dict | None, cores: int) -> str | None:
-    """Why a local run cannot have the CPUs its workers ask for, or None.
+# Worker CPUs beyond this many times the machine's cores are refused; fewer are a warning.
+OVERSUBSCRIPTION_REFUSED = 4
 
-    Each worker is a process holding its own copy of the model and optimizer; more worker CPUs
-    than cores means minutes of start-up and workers that fight for the cores (a local Ray would
-    happily start them all, it is given logical CPUs)."""
+
+def local_cpu_problem(num_workers: int, resources_per_worker: dict | None, cores: int) -> tuple[bool, str] | None:
+    """(refused, why) when a local run's workers ask for more CPUs than the machine has, or None.
+
+    Each worker is a process with its own copy of the model and optimizer. A local Ray starts
+    them all (it is given logical CPUs), so workers beyond the cores share them: slower, and
+    far beyond (64 workers on 2 cores) minutes of start-up and silence, then memory trouble.
+    Up to OVERSUBSCRIPTION_REFUSED times the cores is a warning, more is refused."""
     per_worker = (resources_per_worker or {}).get("CPU", 1)
     need = num_workers * per_worker
     if need <= cores:
         return None
     fit = max(int(cores // per_worker), 1)
-    return (f"scaling.num_workers={num_workers} x {per_worker:g} CPU = {need:g} CPUs, but this machine has "
-            f"{cores} core{'s' if cores != 1 else ''}: use scaling.num_workers <= {fit}, give workers a fraction "
-            "of a core each (scaling.resources_per_worker={CPU: 0.5}), or join a cluster (RAY_ADDRESS)")
+    return need > OVERSUBSCRIPTION_REFUSED * cores, (
+        f"scaling.num_workers={num_workers} x {per_worker:g} CPU = {need:g} CPUs, but this machine has "
+        f"{cores} core{'s' if cores != 1 else ''}: use scaling.num_workers <= {fit}, give workers a fraction "
+        "of a core each (scaling.resources_per_worker={CPU: 0.5}), or join a cluster (RAY_ADDRESS)")
 
 
 def check_local_cpus(num_workers: int, resources_per_worker: dict | None = None) -> None:
-    """Refuse, before Ray starts, a local run whose workers need more CPUs than this machine has
-    (a no-op when joining a cluster or when Ray is already up)."""
+    """Before Ray starts, refuse a local run whose workers need far more CPUs than this machine
+    has, and warn when they need more (a no-op when joining a cluster or when Ray is up)."""
     ray = sys.modules.get("ray")  # not imported for this check
     if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
         return
     problem = local_cpu_problem(num_workers, resources_per_worker, machine_cpus())
-    if problem:
-        raise ConfigError(problem)
+    if problem is None:
+        return
+    refused, why = problem
+    if refused:
+        raise ConfigError(f"{why} (more than {OVERSUBSCRIPTION_REFUSED}x the cores is refused)")
+    progress.print_line(f"[ptm] warning: {why}; the workers will share cores")
 
 
 def capacity_shortfall(num_workers: int, per_worker: dict, total: dict, available: dict) -> str | None:

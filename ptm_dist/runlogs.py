@@ -5,7 +5,8 @@
     print(f"logs: {logs.where}")
 
 The terminal shows ptm's own lines: what the driver prints on stdout (progress, evaluations,
-checkpoints, warnings, the summary) and the lines Ray workers print starting with ``[ptm]``.
+checkpoints, warnings, the summary) and the lines Ray workers print starting with ``[ptm]``
+(or ``[ptm trial <id>]``).
 Everything else goes to files in ``logs/``:
 
 - ``driver.log``: this process's stderr at the file-descriptor level (Python logging and
@@ -43,7 +44,7 @@ from ptm_dist import progress, storage
 # worker's process to worker<rank>.log and shows the line nowhere.
 RANK_MARK = "[ptm-log] rank "
 _MARK = re.compile(re.escape(RANK_MARK) + r"(\d+)$")
-PTM_PREFIX = "[ptm]"
+_PTM_LINE = re.compile(r"\[ptm[\] ]")  # [ptm] ..., [ptm trial 3] ...
 
 
 def verbose() -> bool:
@@ -65,7 +66,7 @@ def source_of(data: dict) -> str:
 
 def shown_on_terminal(line: str) -> bool:
     """Whether a line forwarded from a Ray process is one of ptm's own."""
-    return line.startswith(PTM_PREFIX)
+    return _PTM_LINE.match(line) is not None
 
 
 class RunLogs:

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from ptm_dist import launch, storage
+from ptm_dist import launch, runlogs, storage
 from ptm_dist.config import JobConfig
 from ptm_dist.finetune.driver import prepare_task, require_local_storage, resolve_start
 from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read_epochs
@@ -31,24 +31,27 @@ def finetune(cfg: JobConfig) -> str:
     cfg, run_dir = storage.resolve_run_dir(cfg, "finetune")
     base_dir = resolve_start(cfg, run_dir)
     data, info = prepare_task(cfg, base_dir)
-    owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
-    try:
-        how = launch.Launch.from_scaling(cfg.scaling)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
-        storage.write_text(storage.join(run_dir, "task.json"), json.dumps(info, indent=1) + "\n")
-        spec = FinetuneSpec(job=cfg, out_dir=run_dir, base_dir=base_dir, task=data, pad_id=info["pad_id"])
-        trainer = launch.make_trainer(finetune_worker, {"spec": spec}, how, name=cfg.finetune.name,
-                                      storage_path=base, keep_checkpoints=1)
-        trainer.fit()
-    finally:
-        if owns_ray:
-            ray.shutdown()
-    print_summary(run_dir, info, cfg, time.time() - t0)
+    launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    with runlogs.RunLogs(run_dir, "finetune") as logs:  # library output to <run_dir>/logs/
+        owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+        try:
+            how = launch.Launch.from_scaling(cfg.scaling)
+            launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
+            storage.write_text(storage.join(run_dir, "task.json"), json.dumps(info, indent=1) + "\n")
+            spec = FinetuneSpec(job=cfg, out_dir=run_dir, base_dir=base_dir, task=data, pad_id=info["pad_id"])
+            trainer = launch.make_trainer(finetune_worker, {"spec": spec}, how, name=cfg.finetune.name,
+                                          storage_path=base, keep_checkpoints=1)
+            trainer.fit()
+        finally:
+            if owns_ray:
+                ray.shutdown()
+    print_summary(run_dir, info, cfg, time.time() - t0, logs.where)
     return run_dir
 
 
-def print_summary(run_dir: str, info: dict, cfg: JobConfig, seconds: float) -> None:
+def print_summary(run_dir: str, info: dict, cfg: JobConfig, seconds: float, logs: str | None = None) -> None:
     epochs = read_epochs(run_dir)
     print("\n== ptm finetune summary ==")
     print(f"{'epoch':>5} {'loss':>8} {'eval_loss':>9} {'accuracy':>8} {'f1_macro':>8}")
@@ -61,5 +64,7 @@ def print_summary(run_dir: str, info: dict, cfg: JobConfig, seconds: float) -> N
         print(f"best epoch {best['epoch']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
               f"(majority-class baseline accuracy {info['majority_baseline']:.4f})")
     print(f"best model: {Path(run_dir) / 'best'}")
+    if logs:
+        print(f"logs: {logs} (library output; --verbose or PTM_VERBOSE=1 shows it here)")
     print(f"wall time: {seconds:.0f}s")
     print(f"run_dir: {run_dir}", flush=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ptm_dist import runlogs
 from ptm_dist.checkpoint import DS_TAG
 from ptm_dist.config import JobConfig
 from ptm_dist.dist import init_single_process, mean_over_ranks, rng_state, set_rng_state
@@ -401,6 +402,8 @@ def finetune_worker(config: dict) -> None:
     spec: FinetuneSpec = config["spec"]
     forget_inherited_wandb_service()
     ctx = ray.train.get_context()
+    if not spec.trial_id:  # the driver files this process's output as worker<rank>.log
+        print(runlogs.rank_mark(ctx.get_world_rank()), flush=True)
     if spec.trial_id and ctx.get_world_rank() == 0:
         record_placement_group(spec.out_dir)
     device = ray.train.torch.get_device()

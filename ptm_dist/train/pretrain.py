@@ -145,6 +145,6 @@ def print_summary(run_dir: str, seconds: float, logs: str | None = None) -> None
         print(wandb_line)
     print(f"report: ptm report {run_dir}")
     if logs:
-        print(f"logs: {logs} (Ray, DeepSpeed and other library output; PTM_VERBOSE=1 shows it here)")
+        print(f"logs: {logs} (library output; --verbose or PTM_VERBOSE=1 shows it here)")
     print(f"wall time: {seconds:.0f}s")
     print(f"run_dir: {run_dir}", flush=True)

@@ -12,15 +12,16 @@ from ptm_dist.errors import ConfigError
 from ptm_dist.launch import capacity_shortfall, check_local_cpus, local_cpu_problem, machine_cpus
 
 
-def test_local_workers_may_not_need_more_cpus_than_the_machine_has():
+def test_local_workers_needing_more_cpus_than_the_machine_has_are_a_warning_then_refused():
     assert local_cpu_problem(2, None, cores=2) is None  # the default job on the 2-core machine
     assert local_cpu_problem(4, {"CPU": 0.5}, cores=2) is None  # fractions of a core
-    assert local_cpu_problem(64, None, cores=2) == (
+    assert local_cpu_problem(64, None, cores=2) == (True, (
         "scaling.num_workers=64 x 1 CPU = 64 CPUs, but this machine has 2 cores: use scaling.num_workers <= 2, "
         "give workers a fraction of a core each (scaling.resources_per_worker={CPU: 0.5}), or join a cluster "
-        "(RAY_ADDRESS)")
-    assert "= 8 CPUs, but this machine has 4 cores: use scaling.num_workers <= 1," in local_cpu_problem(
-        2, {"CPU": 4}, cores=4)
+        "(RAY_ADDRESS)"))
+    refused, why = local_cpu_problem(2, {"CPU": 4}, cores=4)
+    assert not refused and "= 8 CPUs, but this machine has 4 cores: use scaling.num_workers <= 1," in why
+    assert local_cpu_problem(8, None, cores=2)[0] is False and local_cpu_problem(9, None, cores=2)[0] is True
     assert local_cpu_problem(1, {"GPU": 1}, cores=1) is None  # GPUs are checked once Ray sees them
 
 
@@ -40,6 +41,8 @@ def test_64_workers_on_this_machine_are_refused_in_a_second_before_ray_starts(tm
     n = 32 * machine_cpus()
     with pytest.raises(ConfigError, match=f"scaling.num_workers={n} x 1 CPU = {n} CPUs, but this machine has"):
         check_local_cpus(n)
+    check_local_cpus(2 * machine_cpus())  # shares cores: a warning, and the run goes on
+    assert capsys.readouterr().out.startswith(f"[ptm] warning: scaling.num_workers={2 * machine_cpus()} x 1 CPU")
     t0 = time.perf_counter()
     assert main(["pretrain", "--set", f"scaling.num_workers={n}", "--set", f"run.storage={tmp_path}"]) == 2
     seconds = time.perf_counter() - t0
