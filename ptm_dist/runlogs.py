@@ -88,6 +88,7 @@ class RunLogs:
         self._saved_stderr: int | None = None
         self._saved_sys_stderr: TextIO | None = None
         self.redirected = False
+        self._closed = False
 
     # ---------------------------------------------------------------- files
 
@@ -106,6 +107,8 @@ class RunLogs:
         lines = data.get("lines") or []
         key = (data.get("ip"), data.get("pid"))
         with self._lock:
+            if self._closed:  # a batch that was under way when the command ended
+                return
             for line in lines:
                 m = _MARK.match(line)
                 if m:
@@ -158,9 +161,11 @@ class RunLogs:
             os.dup2(self._saved_stderr, 2)
             os.close(self._saved_stderr)
             self.redirected = False
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            self._closed = True
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
         if storage.is_uri(self.run_dir):
             self.upload()
 
