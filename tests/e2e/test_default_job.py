@@ -1,4 +1,5 @@
-"""The default job, end to end, from a built wheel outside the repository (README's command 1).
+"""The default job, end to end, from a built wheel outside the repository (README's command 1),
+and what its terminal shows: ptm's own lines only, the libraries' output in <run_dir>/logs/.
 
 Slow by nature (about 3 minutes on a 2-core machine): it is the promise README makes.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -15,6 +17,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Lines Ray, DeepSpeed, transformers and PyTorch print (the prefix Ray puts on forwarded lines,
+# Python logging and warnings, the messages the default job printed before issue 18).
+LIBRARY_LINE = re.compile(
+    r"\((RayTrainWorker|TrainController|raylet|autoscaler)|pid=|WARNING|INFO|Warning|DeepSpeed|deepspeed|"
+    r"transformers|loss_type|all_gather|Dataset|Checkpoint successfully|Reporting training result|core_worker|"
+    r"PreemptionWatcher|worker group|Traceback")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +50,30 @@ def test_default_job_from_wheel(wheel_site, tmp_path):
     assert where.stdout.strip().startswith(str(wheel_site))
     proc = subprocess.run([sys.executable, "-m", "ptm_dist.cli", "pretrain"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
     run_dir = work / "runs" / "tiny"
+    logs = run_dir / "logs"
+    assert proc.returncode == 0, proc.stderr[-3000:] + "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+    last = proc.stdout.strip().splitlines()[-1]
     assert last == f"run_dir: {run_dir}"
+
+    # The terminal: ptm's lines only (about 110 lines, most from libraries, before issue 18).
+    shown = proc.stdout.splitlines()
+    print(f"default job: {len(shown)} lines on stdout, {len(proc.stderr.splitlines())} on stderr")
+    assert proc.stderr == ""
+    summary = shown.index("== ptm pretrain summary ==")
+    assert all(ln.startswith("[ptm] ") for ln in shown[:summary - 1]), shown[:summary]
+    assert [ln for ln in shown if LIBRARY_LINE.search(ln)] == []
+    assert sum(" checkpoint " in ln for ln in shown) == 5 and sum("eval_loss" in ln for ln in shown) >= 5
+    assert len(shown) <= 80
+    assert f"logs: {logs} " in proc.stdout
+    # ... and the libraries' output is in the run directory, each worker's in its own file.
+    worker_logs = [(logs / f"worker{r}.log").read_text() for r in (0, 1)]
+    driver_log = (logs / "driver.log").read_text()
+    for text in worker_logs:
+        assert "Setting accelerator to CPU" in text and "Checkpoint successfully created" in text
+        assert "loss_type=None" in text
+    assert "(TrainController pid=" in driver_log and "Started a local Ray instance" in driver_log
+    assert "[ptm] step 500/500 " in worker_logs[0]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in lines if "eval_loss" in m]
     train = [m for m in lines if "loss" in m]
