@@ -143,7 +143,7 @@ def tracked_run(tmp_path_factory, cache_dir):
                               capture_output=True, timeout=900, check=False)
         # Decoded by hand: text mode would turn the progress bar's carriage returns into newlines.
         out = SimpleNamespace(stdout=proc.stdout.decode(errors="replace"), stderr=proc.stderr.decode(errors="replace"))
-        assert proc.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert proc.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + run_logs_tail(storage / "tracked")
         return out
 
     run_dir = storage / "tracked"
@@ -152,6 +152,13 @@ def tracked_run(tmp_path_factory, cache_dir):
     env["PTM_PROGRESS"] = "plain"
     second = pretrain("train.max_steps=18")
     return SimpleNamespace(run_dir=run_dir, first=first, second=second, first_id=first_id)
+
+
+def run_logs_tail(run_dir, chars: int = 3000) -> str:
+    """The end of each file in <run_dir>/logs/ (library output a failed ptm subprocess left), for
+    assertion messages."""
+    logs = Path(run_dir) / "logs"
+    return "".join(f"\n--- {p}:\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(logs.glob("*.log")))
 
 
 def make_sweep_dir(root) -> dict:
