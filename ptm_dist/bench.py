@@ -361,7 +361,7 @@ def format_report(r: dict) -> str:
 # ------------------------------------------------------------------ data
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak resident memory of this process plus the Ray task workers (``ray::`` processes under
     this node's raylet, when this process started Ray), sampled every ``interval`` seconds."""
 
@@ -435,38 +435,84 @@ def _scaled_copies(shards: list, scale: int, root: Path) -> list:
     return out
 
 
-def _stream_epoch(shards: list, wc, cfg: JobConfig) -> tuple[int, float]:
-    """(sequences, seconds) of one epoch of the Ray Data stream into this process."""
+def _big_shard(shards: list, mb: int, root: Path):
+    """One jsonl shard of about ``mb`` MB: the documents of ``shards`` repeated, each copy's
+    documents numbered so no two lines are the same (a corpus with large shards)."""
+    from ptm_dist.data.sources import Shard, read_documents
+
+    docs = [d for s in shards for d in read_documents(s)]
+    target = root / f"big-{mb}mb.jsonl"
+    size, copy = 0, 0
+    with open(target, "w", encoding="utf-8") as f:
+        while size < mb << 20:
+            for doc in docs:
+                line = json.dumps({"text": f"{copy} {doc}"}) + "\n"
+                f.write(line)
+                size += len(line)  # ascii-escaped by json.dumps: characters are bytes
+            copy += 1
+    return Shard(str(target), "jsonl", "text")
+
+
+def _stream_epochs(shards: list, wc, cfg: JobConfig, epochs: int = 1) -> tuple[int, float, float]:
+    """(sequences, seconds, seconds to the first sequence) of ``epochs`` epochs of the Ray Data
+    stream into this process, through one stream (Ray's workers stay warm across epochs)."""
     from ptm_dist.data.pipeline import SequenceStream
 
+    t0 = time.perf_counter()
     stream = SequenceStream(shards, wc.tokenizer_json, cfg.data.seq_len, wc.special["eos"],
                             cfg.run.seed, 0, 1, cfg.data.read_concurrency, use_ray=True,
-                            shuffle_window=cfg.data.shuffle_window)
-    n = 0
-    t0 = time.perf_counter()
-    for _ in stream:
-        if stream.position.epoch > 0:
+                            shuffle_window=cfg.data.shuffle_window, piece_bytes=cfg.data.piece_bytes)
+    n, first = 0, None
+    it = iter(stream)
+    for _ in it:
+        if first is None:
+            first = time.perf_counter() - t0
+        if stream.position.epoch >= epochs:
             break
         n += 1
-    return n, time.perf_counter() - t0
+    it.close()
+    return n, time.perf_counter() - t0, first or 0.0
 
 
-def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, memory: bool = False) -> dict:
+def _raw_encode(docs: list[str], tokenizer_json: str) -> tuple[int, float]:
+    """(tokens, seconds) of Hugging Face tokenizers batch encoding of ``docs``, all cores."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
+    try:
+        tok.encode_batch_fast(docs[:64])  # warm-up
+        t0 = time.perf_counter()
+        tokens = 0
+        for k in range(0, len(docs), 50_000):  # batches: a GB corpus's encodings do not fit at once
+            tokens += sum(len(e.ids) for e in tok.encode_batch_fast(docs[k : k + 50_000]))
+        return tokens, time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, memory: bool = False,
+               epochs: int = 1, big_shard_mb: int = 0) -> dict:
     """Raw tokenizers batch encoding against this pipeline (read + tokenize + pack into a
     consumer through Ray Data), on the same shards, machine and cores.
 
     The raw figure encodes documents already in memory with all cores (reading is not timed).
-    The pipeline is timed over one epoch after a warm-up over two shards (Ray worker processes
-    started, modules imported: a one-time cost of a long run, reported apart as the cold
-    figure); it counts the tokens of the packed sequences it delivers (each shard's last
-    partial sequence is dropped, so it slightly undercounts). ``scale`` > 1 runs on that many
-    copies of the shards. ``memory`` also streams the unscaled corpus and reports the peak
-    resident memory (this process + Ray workers) of both, to show it does not grow with the
-    corpus."""
+    The pipeline is timed over ``epochs`` epochs of one stream after a warm-up over two shards
+    (Ray worker processes started, modules imported: a one-time cost of a long run, reported
+    apart as the cold figure), together with its time to the first sequence; it counts the
+    tokens of the packed sequences it delivers (each piece's last partial sequence is dropped,
+    so it slightly undercounts). ``scale`` > 1 runs on that many copies of the shards.
+    ``memory`` also streams the unscaled corpus and reports the peak resident memory (this
+    process + Ray workers) of both, to show it does not grow with the corpus. ``big_shard_mb``
+    also measures a corpus of one shard of that many MB (time to first sequence, throughput
+    and peak memory against raw encoding of the same documents), under ``result["big"]``."""
     import tempfile
 
-    from tokenizers import Tokenizer
-
+    from ptm_dist.data.pieces import plan_pieces
     from ptm_dist.data.prepare import prepare_data
     from ptm_dist.data.sources import read_documents
     from ptm_dist.launch import connect_ray
@@ -478,42 +524,48 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, me
     try:
         shards = _scaled_copies(base, scale, tmp) if scale > 1 else base
         docs = [d for s in shards for d in read_documents(s)]
-        tok = Tokenizer.from_str(wc.tokenizer_json)
-        old = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the raw baseline may use every core
-        try:
-            tok.encode_batch_fast(docs[:64])  # warm-up
-            t0 = time.perf_counter()
-            raw_tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs))
-            raw_s = time.perf_counter() - t0
-        finally:
-            if old is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM")
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = old
+        raw_tokens, raw_s = _raw_encode(docs, wc.tokenizer_json)
+        raw_tokens *= epochs  # the same documents, once per epoch
+        raw_s *= epochs
         n_docs = len(docs)
         del docs
         connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
-        cold_n, cold_s = _stream_epoch(base[:2], wc, cfg)  # warm-up: starts and imports the workers
+        cold_n, cold_s, cold_first = _stream_epochs(base[:2], wc, cfg)  # warm-up: starts the workers
         result: dict = {}
         if memory:
-            with _PeakMemory() as mem_1x:
-                _stream_epoch(base, wc, cfg)
+            with PeakMemory() as mem_1x:
+                _stream_epochs(base, wc, cfg)
             result["peak_mem_bytes_1x"] = mem_1x.peak
-        with _PeakMemory() as mem:
-            n, pipe_s = _stream_epoch(shards, wc, cfg)
+        with PeakMemory() as mem:
+            n, pipe_s, first_s = _stream_epochs(shards, wc, cfg, epochs)
+        if big_shard_mb:
+            big = _big_shard(base, big_shard_mb, tmp)
+            big_docs = list(read_documents(big))
+            big_raw, big_raw_s = _raw_encode(big_docs, wc.tokenizer_json)
+            del big_docs
+            with PeakMemory() as big_mem:
+                big_n, big_s, big_first = _stream_epochs([big], wc, cfg)
+            big_tokens = big_n * cfg.data.seq_len
+            result["big"] = {
+                "shard_bytes": os.path.getsize(big.uri), "pieces": len(plan_pieces([big], cfg.data.piece_bytes)),
+                "piece_bytes": cfg.data.piece_bytes, "raw_tokens": big_raw, "raw_seconds": big_raw_s,
+                "raw_tokens_per_s": big_raw / big_raw_s, "pipeline_tokens": big_tokens,
+                "pipeline_seconds": big_s, "pipeline_tokens_per_s": big_tokens / big_s,
+                "first_sequence_s": big_first, "ratio": (big_tokens / big_s) / (big_raw / big_raw_s),
+                "peak_mem_bytes": big_mem.peak,
+            }
     finally:
         import shutil as _shutil
 
         _shutil.rmtree(tmp, ignore_errors=True)
     pipeline_tokens = n * cfg.data.seq_len
     result.update({
-        "shards": len(shards), "scale": scale, "documents": n_docs, "cpus": os.cpu_count(),
+        "shards": len(shards), "scale": scale, "epochs": epochs, "documents": n_docs, "cpus": os.cpu_count(),
         "read_concurrency": cfg.data.read_concurrency, "seq_len": cfg.data.seq_len,
         "raw_tokens": raw_tokens, "raw_seconds": raw_s, "raw_tokens_per_s": raw_tokens / raw_s,
         "pipeline_tokens": pipeline_tokens, "pipeline_seconds": pipe_s,
-        "pipeline_tokens_per_s": pipeline_tokens / pipe_s,
-        "pipeline_cold_tokens_per_s": cold_n * cfg.data.seq_len / cold_s,
+        "pipeline_tokens_per_s": pipeline_tokens / pipe_s, "first_sequence_s": first_s,
+        "pipeline_cold_tokens_per_s": cold_n * cfg.data.seq_len / cold_s, "cold_first_sequence_s": cold_first,
         "ratio": (pipeline_tokens / pipe_s) / (raw_tokens / raw_s),
         "peak_mem_bytes": mem.peak,
     })

@@ -37,7 +37,9 @@ from ptm_dist.errors import CheckpointFormatError, CheckpointWriteError, ConfigE
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 DS_TAG = "ds"  # DeepSpeed's tag: its files live in <checkpoint>/ds/
-IDENTITY = ("model", "data.seq_len", "data.tokenizer", "zero.stage", "scaling.num_workers")
+IDENTITY = ("model", "data.seq_len", "data.tokenizer", "data.piece_bytes", "zero.stage", "scaling.num_workers")
+# What an IDENTITY key meant in a job.yaml written before the key existed.
+IDENTITY_BEFORE = {"data.piece_bytes": 0}  # runs before pieces read every shard whole
 _NAME = re.compile(r"^checkpoint_(\d{8})$")
 
 
@@ -149,12 +151,19 @@ def check_same_run(run_dir: str, job: dict) -> None:
     if not storage.exists(path) or not latest_complete_checkpoint(run_dir):
         return
     old = yaml.safe_load(storage.read_text(path)) or {}
-    changed = [k for k in IDENTITY if _get(old, k) != _get(job, k)]
+
+    def before(k: str):
+        value = _get(old, k)
+        return IDENTITY_BEFORE.get(k, value) if value == {} else value  # {}: not in the old job
+
+    changed = [k for k in IDENTITY if before(k) != _get(job, k)]
     if changed:
-        details = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(job, k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {before(k)!r} -> {_get(job, k)!r}" for k in changed)
+        hint = ("; it was written before shards were read in pieces: --set data.piece_bytes=0 resumes it"
+                if "data.piece_bytes" in changed and _get(old, "data.piece_bytes") == {} else "")
         raise ConfigError(
             f"{run_dir} holds a run with a different {', '.join(changed)} ({details}); "
-            "use another run.name, or --set run.resume=false for a fresh directory"
+            f"use another run.name, or --set run.resume=false for a fresh directory{hint}"
         )
 
 

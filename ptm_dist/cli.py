@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat each (local jsonl/txt) shard N times: a corpus N times larger (default 1)")
     b.add_argument("--memory", action="store_true",
                    help="also stream the unscaled corpus and compare peak memory (use with --scale)")
+    b.add_argument("--epochs", type=int, default=1, metavar="N",
+                   help="time N epochs through one warm stream (default 1)")
+    b.add_argument("--big-shard-mb", type=int, default=0, metavar="MB",
+                   help="also measure a corpus of one shard of MB megabytes (the job's documents repeated)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     p = sub.add_parser("plan", help="memory per ZeRO stage, recommended stage, time and GPU-hours",
                        description="Estimate per-GPU memory for each ZeRO stage and offload choice, "
@@ -163,10 +167,10 @@ def cmd_prepare(args) -> None:
         if args.tokens:
             from ptm_dist.data.prepare import write_tokens
 
-            total = len(data.train) + len(data.val)
-            with Progress(total=total, desc="tokenize", unit="shard", plain_interval=10.0) as bar:
+            total = len(data.train) + len(data.val)  # the bar's total becomes the pieces' count
+            with Progress(total=total, desc="tokenize", unit="piece", plain_interval=10.0) as bar:
                 def progress(done: int, total: int, documents: int, tokens: int, seconds: float) -> None:
-                    bar.update(done, docs=human(documents), tokens=human(tokens),
+                    bar.update(done, total, docs=human(documents), tokens=human(tokens),
                                tok_s=human(tokens / max(seconds, 1e-9)))
 
                 index = write_tokens(cfg, data, args.tokens, progress)
@@ -198,10 +202,18 @@ def cmd_bench(args) -> None:
     if args.bench == "data":
         from ptm_dist.bench import bench_data
 
-        report = bench_data(load(args.job, args.overrides), args.max_shards, args.scale, args.memory)
-        print(f"raw tokenizers: {report['raw_tokens_per_s']:,.0f} tokens/s; pipeline: "
-              f"{report['pipeline_tokens_per_s']:,.0f} tokens/s (cold start: "
-              f"{report['pipeline_cold_tokens_per_s']:,.0f}); ratio {report['ratio']:.3f}")
+        report = bench_data(load(args.job, args.overrides), args.max_shards, args.scale, args.memory,
+                            args.epochs, args.big_shard_mb)
+        print(f"job's corpus ({report['shards']} shards, {report['epochs']} epoch(s)): raw tokenizers "
+              f"{report['raw_tokens_per_s']:,.0f} tokens/s; pipeline {report['pipeline_tokens_per_s']:,.0f} "
+              f"tokens/s (cold start: {report['pipeline_cold_tokens_per_s']:,.0f}); ratio {report['ratio']:.3f}; "
+              f"first sequence after {report['first_sequence_s']:.1f}s (cold: {report['cold_first_sequence_s']:.1f}s)")
+        if "big" in report:
+            big = report["big"]
+            print(f"one {big['shard_bytes'] / 2**20:,.0f} MiB shard ({big['pieces']} pieces): raw tokenizers "
+                  f"{big['raw_tokens_per_s']:,.0f} tokens/s; pipeline {big['pipeline_tokens_per_s']:,.0f} tokens/s; "
+                  f"ratio {big['ratio']:.3f}; first sequence after {big['first_sequence_s']:.1f}s; "
+                  f"peak memory {big['peak_mem_bytes'] / 2**20:,.0f} MiB")
         if args.memory:
             print(f"peak memory (this process + Ray workers): {report['peak_mem_bytes_1x'] / 2**20:,.0f} MiB "
                   f"at 1x, {report['peak_mem_bytes'] / 2**20:,.0f} MiB at {args.scale}x "

@@ -122,11 +122,18 @@ class DataSection(_Section):
     )
     max_bad_shards: int = Field(
         0, ge=0,
-        description="Bad shards (corrupt, undecodable, empty, missing the text column) a run may "
-        "skip, each reported by name; one more stops the run. 0: the first bad shard stops it.",
+        description="Bad pieces of shards (corrupt, undecodable, empty, missing the text column) a run "
+        "may skip, each reported by shard name; one more stops the run. 0: the first bad one stops it.",
+    )
+    piece_bytes: int = Field(
+        32 << 20, ge=0,
+        description="Shards are read in pieces of about this many bytes (byte ranges cut at line ends "
+        "for jsonl/txt, groups of row groups for parquet, of record batches for Hugging Face arrow "
+        "files; compressed files stay whole): the unit of parallel reading, ordering, resume and the "
+        "bad-shard budget. Part of the run's identity. 0: every shard whole.",
     )
     read_concurrency: int = Field(
-        2, ge=1, description="Shards read, tokenized and packed in parallel per worker stream."
+        2, ge=1, description="Pieces of shards read, tokenized and packed in parallel per worker stream."
     )
     shuffle_window: int = Field(
         1024, ge=1,

@@ -28,15 +28,17 @@ class DataError(UserError, RuntimeError):
 
 
 class ShardError(DataError):
-    """One shard is bad (corrupt, undecodable, empty, missing its text column); ``shard`` is its
-    URI, so a run with a ``data.max_bad_shards`` budget can skip it."""
+    """One shard, or one piece of it, is bad (corrupt, undecodable, empty, missing its text
+    column); ``shard`` is its URI and ``piece`` the piece's index where known, so a run with a
+    ``data.max_bad_shards`` budget can skip it."""
 
-    def __init__(self, message: str, shard: str):
+    def __init__(self, message: str, shard: str, piece: int | None = None):
         super().__init__(message)
         self.shard = shard
+        self.piece = piece
 
-    def __reduce__(self):  # survives pickling across Ray tasks with its shard attached
-        return (self.__class__, (str(self), self.shard))
+    def __reduce__(self):  # survives pickling across Ray tasks with its shard and piece attached
+        return (self.__class__, (str(self), self.shard, self.piece))
 
 
 class NonFiniteError(UserError, RuntimeError):

@@ -83,8 +83,13 @@ class Progress:
             global _bar
             _bar = self
 
-    def update(self, n: int, **fields) -> None:
-        """Move to absolute position ``n`` and show ``fields`` (values as given, or formatted)."""
+    def update(self, n: int, total: int | None = None, **fields) -> None:
+        """Move to absolute position ``n`` (of ``total``, when it is now known better) and show
+        ``fields`` (values as given, or formatted)."""
+        if total is not None and total != self.total:
+            self.total = total
+            if self._tqdm is not None:
+                self._tqdm.total = total
         self.fields.update({k.replace("_", "/"): _text(v) for k, v in fields.items() if v is not None})
         step, self.n = n - self.n, n
         if self._closed:

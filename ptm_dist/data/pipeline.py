@@ -1,16 +1,19 @@
 """Read -> tokenize -> pack, streamed with Ray Data into one training worker.
 
-Each worker (rank) owns a deterministic slice of the shards for each epoch: the shard list is
-permuted with (run.seed, epoch) and rank r takes every world-th shard from position r. One Ray
-Data task reads, tokenizes and packs one shard (``ptm_dist.data.packing``), so the tasks spread over the
-cluster while ``preserve_order`` keeps the stream order fixed. That fixed order is what makes
-an exact, mid-epoch resume possible in open-source Ray (whose streams cannot resume,
-ray-project/ray#37633): the data position is the id of the last sequence consumed.
+Shards are cut into pieces of about ``data.piece_bytes`` (``ptm_dist.data.pieces``). Each worker
+(rank) owns a deterministic slice of the pieces for each epoch: the piece list is permuted with
+(run.seed, epoch) and rank r takes every world-th piece from position r, so even one big shard
+feeds every worker. One Ray Data task reads, tokenizes and packs one piece
+(``ptm_dist.data.packing``) and hands its sequences on in blocks of about 1 MiB as they are made,
+so the first sequences of a big shard arrive while the rest is still being read; the tasks
+spread over the cluster while ``preserve_order`` keeps the stream order fixed. That fixed order
+is what makes an exact, mid-epoch resume possible in open-source Ray (whose streams cannot
+resume, ray-project/ray#37633): the data position is a piece and an index inside it.
 
-Every packed sequence has a stable id, ``shard_index << 32 | chunk_index``; ids are the same in
-every run over the same shard list (the same idea as Ray's upcoming row-id based
-``DatasetCheckpointConfig``). Sequences are ``seq_len`` tokens of documents joined by EOS, no
-padding; a shard's last partial sequence is dropped.
+Every packed sequence has a stable id, ``shard << 40 | piece << 24 | index``; ids are the same
+in every run over the same shard list and piece size (the same idea as Ray's upcoming row-id
+based ``DatasetCheckpointConfig``). Sequences are ``seq_len`` tokens of documents joined by EOS,
+no padding; a piece's last partial sequence is dropped.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ptm_dist.data.packing import pack_shard, split_id
+from ptm_dist.data.packing import pack_piece, split_id
+from ptm_dist.data.pieces import Piece, plan_pieces, shard_pieces
 from ptm_dist.data.sources import Shard, find_shard_error
 from ptm_dist.errors import DataError
 
 PLAN_EPOCHS = 2  # a Ray Data dataset covers the rest of this epoch and the next one
+BLOCK_BYTES = 1 << 20  # Ray Data hands a task's output on in blocks of this size (default 128 MiB)
 
 
 def epoch_slots(weights: list[float], seed: int, epoch: int) -> list[int]:
-    """Shard indices read in ``epoch``, in order, all ranks together.
+    """Piece (or shard) indices read in ``epoch``, in order, all ranks together.
 
-    A shard of weight w is read int(w) times per epoch, plus once more for a seeded choice of
-    shards drawn in proportion to the fractional parts (w=0.5: half the source's shards, a
-    different half each epoch; w=2: every shard twice). All weights 1: a permutation.
+    A piece of weight w (its source's) is read int(w) times per epoch, plus once more for a
+    seeded choice of pieces drawn in proportion to the fractional parts (w=0.5: half the
+    source's pieces, a different half each epoch; w=2: every piece twice). All weights 1: a
+    permutation.
     """
     rng = np.random.default_rng([seed, epoch])
     slots = [i for i, w in enumerate(weights) for _ in range(int(w))]
@@ -46,10 +52,10 @@ def epoch_slots(weights: list[float], seed: int, epoch: int) -> list[int]:
     return [slots[k] for k in rng.permutation(len(slots))]
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world: int,
+def shard_order(num_pieces: int, seed: int, epoch: int, rank: int, world: int,
                 weights: list[float] | None = None) -> list[int]:
-    """Shard indices rank ``rank`` reads in ``epoch``, in order (every world-th slot)."""
-    return epoch_slots(weights or [1.0] * num_shards, seed, epoch)[rank::world]
+    """Piece indices rank ``rank`` reads in ``epoch``, in order (every world-th slot)."""
+    return epoch_slots(weights or [1.0] * num_pieces, seed, epoch)[rank::world]
 
 
 @dataclass
@@ -57,7 +63,7 @@ class DataPosition:
     """Where a rank's stream stands in its epoch.
 
     ``slot``/``chunk`` locate the start of the current shuffle window in the rank's unshuffled
-    shard plan (slot k of the plan, sequence ``chunk`` of that shard); ``taken`` sequences of
+    piece plan (slot k of the plan, sequence ``chunk`` of that piece); ``taken`` sequences of
     that window have been consumed. Rebuilding the window from its start gives the same
     sequences in the same shuffled order, so a resume neither replays nor skips one.
     """
@@ -82,46 +88,53 @@ class BadShardBudgetExceeded(DataError):
     """More bad shards than data.max_bad_shards allows."""
 
 
-def _tag(out: dict, epoch: int, slot: int) -> dict:
-    """Mark a packed batch with the epoch and plan slot it was read for."""
+def _tag(out: dict, epoch: int, slot: int, stats: dict) -> dict:
+    """Mark a packed batch with the epoch and plan slot it was read for, and the bytes read from
+    its piece so far."""
     out["epoch"] = np.full(len(out["id"]), epoch, dtype=np.int64)
     out["slot"] = np.full(len(out["id"]), slot, dtype=np.int64)
+    out["read"] = np.full(len(out["id"]), stats.get("bytes_read", 0), dtype=np.int64)
     return out
 
 
 def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
-    """Ray Data UDF: one input row (a shard of the plan) -> batches of packed sequences."""
+    """Ray Data UDF: one input row (a piece of the plan) -> batches of packed sequences."""
     for i in range(len(batch["uri"])):
         dtype = str(batch["dtype"][i]) or None
         shard = Shard(str(batch["uri"][i]), str(batch["format"][i]), str(batch["text_column"][i]), dtype=dtype)
-        for out in pack_shard(
-            shard, int(batch["shard_index"][i]), tokenizer_json, seq_len, eos_id, int(batch["skip"][i])
-        ):
-            yield _tag(out, int(batch["epoch"][i]), int(batch["slot"][i]))
+        piece = Piece(int(batch["shard_index"][i]), int(batch["piece"][i]), int(batch["start"][i]),
+                      int(batch["stop"][i]), str(batch["part_uri"][i]) or None)
+        stats: dict = {}
+        for out in pack_piece(shard, piece, tokenizer_json, seq_len, eos_id, int(batch["skip"][i]), stats=stats):
+            yield _tag(out, int(batch["epoch"][i]), int(batch["slot"][i]), stats)
 
 
 class SequenceStream:
     """Endless iterator of (id, tokens) for one rank, epoch after epoch, resumable.
 
-    Order: the epoch's shard plan (``epoch_slots``, seeded by run.seed and the epoch), read in
+    Order: the epoch's piece plan (``epoch_slots``, seeded by run.seed and the epoch), read in
     order, then shuffled within consecutive windows of ``shuffle_window`` sequences (1: no
-    shuffle). Memory is bounded by the window, Ray Data's prefetch and one shard's encode batch.
+    shuffle). Memory is bounded by the window, Ray Data's prefetch and, per piece in flight, one
+    encode batch and one output block.
 
-    ``use_ray=False`` runs the same packing in this process (debugging, reference runs in
-    tests); both give the same sequences in the same order.
+    ``pieces`` is the plan of ``shards`` (``plan_pieces``; the driver computes it once); without
+    it the shards are planned here with ``piece_bytes`` (0: whole shards). ``use_ray=False`` runs
+    the same packing in this process (debugging, reference runs in tests); both give the same
+    sequences in the same order.
     """
 
     def __init__(
         self, shards: list[Shard], tokenizer_json: str, seq_len: int, eos_id: int, seed: int,
         rank: int, world: int, concurrency: int = 2, use_ray: bool = True, max_bad_shards: int = 0,
-        shuffle_window: int = 1,
+        shuffle_window: int = 1, pieces: list[Piece] | None = None, piece_bytes: int = 0,
     ):
-        self.weights = [s.weight for s in shards]
+        self.pieces = list(pieces) if pieces is not None else plan_pieces(shards, piece_bytes)
+        self.weights = [shards[p.shard].weight for p in self.pieces]
         if len(epoch_slots(self.weights, seed, 0)) < world:
             raise DataError(
-                f"the training data has {len(shards)} shard(s) (weighted: {sum(self.weights):g} per epoch) "
-                f"but there are {world} workers; every worker needs at least one shard "
-                "(add shards or lower scaling.num_workers)"
+                f"the training data has {len(shards)} shard(s) in {len(self.pieces)} piece(s) (weighted: "
+                f"{sum(self.weights):g} per epoch) but there are {world} workers; every worker needs at least "
+                "one piece (add shards, lower data.piece_bytes or lower scaling.num_workers)"
             )
         self.shards, self.tok_json, self.seq_len, self.eos_id = shards, tokenizer_json, seq_len, eos_id
         self.seed, self.rank, self.world = seed, rank, world
@@ -129,22 +142,26 @@ class SequenceStream:
         self.max_bad_shards = max_bad_shards
         self.window = max(1, shuffle_window)
         self.position = DataPosition()
-        self.bad: dict[int, str] = {}  # shard index -> why it was skipped
+        self.bad: dict[str, str] = {}  # piece key ("shard.piece") -> why it was skipped
+        # (shard, piece) of the first sequence since the stream last (re)started, and the bytes
+        # read from that piece up to the batch that held it (a resume re-reads at most one piece)
+        self.restart_read: dict | None = None
         self._index = {s.uri: i for i, s in enumerate(shards)}
 
     def state_dict(self) -> dict:
-        return {**self.position.state_dict(), "bad": {str(k): v for k, v in self.bad.items()}}
+        return {**self.position.state_dict(), "bad": dict(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = DataPosition()
         self.position.load_state_dict(state)
-        self.bad = {int(k): v for k, v in state.get("bad", {}).items()}
+        # positions saved before pieces name bad shards by index: their one piece is piece 0
+        self.bad = {(k if "." in str(k) else f"{k}.0"): v for k, v in state.get("bad", {}).items()}
 
     def rank_plan(self, epoch: int) -> list[int]:
-        return shard_order(len(self.shards), self.seed, epoch, self.rank, self.world, self.weights)
+        return shard_order(len(self.pieces), self.seed, epoch, self.rank, self.world, self.weights)
 
     def _plan(self) -> tuple[list[tuple[int, int, int, int]], int]:
-        """(epoch, slot, shard_index, skip) from the current window start: the rest of this
+        """(epoch, slot, piece, skip) from the current window start: the rest of this
         epoch and the next whole epoch, so the stream crosses an epoch boundary without
         restarting Ray Data, while tokenization runs at most about one epoch ahead of training
         (Ray Data works through a dataset as fast as the CPUs allow: a longer plan steals CPU
@@ -157,17 +174,20 @@ class SequenceStream:
             order = self.rank_plan(epoch)
             first = pos.slot if epoch == pos.epoch else 0
             plan += [(epoch, k, order[k], pos.chunk if (epoch == pos.epoch and k == pos.slot) else 0)
-                     for k in range(first, len(order)) if order[k] not in self.bad]
+                     for k in range(first, len(order)) if self.pieces[order[k]].key not in self.bad]
             epoch += 1
         return plan, epoch
 
     def _skip_bad_shard(self, error: BaseException) -> None:
-        """Record the bad shard inside ``error`` if the budget allows, else raise."""
+        """Record the bad piece inside ``error`` if the budget allows, else raise."""
         bad = find_shard_error(error)
         if bad is None or bad.shard not in self._index:
             raise error
         message = str(bad).splitlines()[0]
-        self.bad[self._index[bad.shard]] = message
+        shard = self._index[bad.shard]
+        keys = [p.key for p in self.pieces if p.shard == shard and (bad.piece is None or p.index == bad.piece)]
+        for key in keys or [f"{shard}.0"]:
+            self.bad[key] = message
         if len(self.bad) > self.max_bad_shards:
             raise BadShardBudgetExceeded(
                 f"{message} (bad shard {len(self.bad)}, over data.max_bad_shards={self.max_bad_shards})"
@@ -177,21 +197,27 @@ class SequenceStream:
 
     def _batches(self, plan: list[tuple[int, int, int, int]]) -> Iterator[dict]:
         if not self.use_ray:
-            for epoch, slot, idx, skip in plan:
-                for out in pack_shard(self.shards[idx], idx, self.tok_json, self.seq_len, self.eos_id, skip):
-                    yield _tag(out, epoch, slot)
+            for epoch, slot, i, skip in plan:
+                piece, stats = self.pieces[i], {}
+                for out in pack_piece(self.shards[piece.shard], piece, self.tok_json, self.seq_len, self.eos_id,
+                                      skip, stats=stats):
+                    yield _tag(out, epoch, slot, stats)
             return
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
-        items = [
-            {"uri": self.shards[i].uri, "format": self.shards[i].format, "dtype": self.shards[i].dtype or "",
-             "text_column": self.shards[i].text_column, "shard_index": i, "skip": skip, "slot": slot,
-             "epoch": epoch}
-            for epoch, slot, i, skip in plan
-        ]
+        ctx.target_max_block_size = BLOCK_BYTES
+        items = []
+        for epoch, slot, i, skip in plan:
+            piece = self.pieces[i]
+            shard = self.shards[piece.shard]
+            items.append({
+                "uri": shard.uri, "format": shard.format, "dtype": shard.dtype or "", "text_column": shard.text_column,
+                "shard_index": piece.shard, "piece": piece.index, "start": piece.start, "stop": piece.stop,
+                "part_uri": piece.uri or "", "skip": skip, "slot": slot, "epoch": epoch,
+            })
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _pack_rows,
             batch_size=1,
@@ -203,17 +229,21 @@ class SequenceStream:
 
     def _raw(self, plan) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         """(epoch, slot, chunk, id, tokens) in plan order."""
+        first = True
         for b in self._batches(plan):
+            if first and len(b["id"]):
+                first = False
+                self.restart_read = {"piece": split_id(int(b["id"][0]))[:2], "bytes_read": int(b["read"][0])}
             for epoch, slot, seq_id, tokens in zip(
                 b["epoch"].tolist(), b["slot"].tolist(), b["id"].tolist(), b["input_ids"]
             ):
-                yield epoch, slot, split_id(seq_id)[1], seq_id, tokens
+                yield epoch, slot, split_id(seq_id)[2], seq_id, tokens
 
     def _next_epoch(self, epoch: int) -> None:
         pos = self.position
         if pos.consumed == 0 or epoch > pos.epoch + 1:
             raise DataError(
-                f"worker {self.rank}'s shards hold no complete sequence of data.seq_len="
+                f"worker {self.rank}'s pieces hold no complete sequence of data.seq_len="
                 f"{self.seq_len} tokens in epoch {pos.epoch if pos.consumed == 0 else pos.epoch + 1}"
             )
         self.position = DataPosition(epoch=epoch)
@@ -260,8 +290,9 @@ def take_sequences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` packed sequences of ``shards`` in order (held-out evaluation set)."""
     ids, rows = [], []
-    for idx, shard in enumerate(shards):
-        for batch in pack_shard(shard, idx, tokenizer_json, seq_len, eos_id):
+    pieces = [p for idx, shard in enumerate(shards) for p in shard_pieces(shard, idx, 0)]  # whole, or token parts
+    for piece in pieces:
+        for batch in pack_piece(shards[piece.shard], piece, tokenizer_json, seq_len, eos_id):
             ids.extend(batch["id"].tolist())
             rows.extend(batch["input_ids"])
             if len(rows) >= n:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ptm_dist.config import JobConfig, SourceSection, cache_dir
 from ptm_dist.data.corpus import ensure_builtin_corpus
+from ptm_dist.data.pieces import Piece, plan_pieces
 from ptm_dist.data.sources import Shard, find_shards
 from ptm_dist.data.tokenizer import ensure_tokenizer, special_ids
 from ptm_dist.errors import DataError
@@ -22,6 +23,7 @@ class WorkerData:
     files travel inline, so workers on other nodes need nothing from the driver's disk)."""
 
     train_shards: tuple[Shard, ...]
+    train_pieces: tuple[Piece, ...]  # the pieces of train_shards (data.piece_bytes), planned once
     val_shards: tuple[Shard, ...]
     tokenizer_json: str
     tokenizer_files: dict[str, str]  # file name -> text, written into every checkpoint
@@ -34,17 +36,28 @@ class PreparedData:
     train: list[Shard]
     val: list[Shard]
     tokenizer_dir: Path
+    piece_bytes: int = 0
 
     def tokenizer_files(self) -> dict[str, str]:
         return {p.name: p.read_text() for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()}
 
-    def for_workers(self) -> WorkerData:
+    def pieces(self, cache: str | None = None) -> list[Piece]:
+        """The training shards' pieces; ``cache``: a run directory that keeps the plan."""
+        return plan_pieces(self.train, self.piece_bytes, cache)
+
+    def for_workers(self, cache: str | None = None) -> WorkerData:
+        """What workers receive. The tokenizer is read first (an unreadable one is a one-line
+        DataError), then the shards are cut into pieces (``cache``: see ``pieces``)."""
         from tokenizers import Tokenizer
 
         tok_json = (self.tokenizer_dir / "tokenizer.json").read_text()
-        tok = Tokenizer.from_str(tok_json)
-        return WorkerData(tuple(self.train), tuple(self.val), tok_json, self.tokenizer_files(),
-                          special_ids(tok), tok.get_vocab_size())
+        try:
+            tok = Tokenizer.from_str(tok_json)
+        except Exception as e:  # tokenizers' own parse errors are several lines about Rust types
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise DataError(f"{self.tokenizer_dir}/tokenizer.json: not a tokenizer ptm can use: {first}") from e
+        return WorkerData(tuple(self.train), tuple(self.pieces(cache)), tuple(self.val), tok_json,
+                          self.tokenizer_files(), special_ids(tok), tok.get_vocab_size())
 
 
 def _is_tokens(src: SourceSection) -> bool:
@@ -122,7 +135,7 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
             raise DataError(f"data.tokenizer.path {tok_dir}: no tokenizer.json there")
     else:
         tok_dir = ensure_tokenizer(train, cfg.data.tokenizer.vocab_size, cache, cfg.data.max_bad_shards)
-    return PreparedData(train, val, tok_dir)
+    return PreparedData(train, val, tok_dir, cfg.data.piece_bytes)
 
 
 def write_tokens(cfg: JobConfig, data: PreparedData, out: str, progress=None) -> dict:
@@ -137,5 +150,5 @@ def write_tokens(cfg: JobConfig, data: PreparedData, out: str, progress=None) ->
     return write_token_dataset(
         out, {"train": data.train, "val": data.val}, data.tokenizer_dir, cfg.data.seq_len,
         special_ids(tok)["eos"], tok.get_vocab_size(), cfg.data.max_bad_shards,
-        concurrency=cfg.data.read_concurrency, progress=progress,
+        concurrency=cfg.data.read_concurrency, progress=progress, piece_bytes=cfg.data.piece_bytes,
     )

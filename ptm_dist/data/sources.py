@@ -45,6 +45,7 @@ class Shard:
     text_column: str
     weight: float = 1.0  # reads per epoch on average (data.sources[].weight)
     dtype: str | None = None  # token shards: integer type of the stored ids
+    parts: tuple[tuple[int, str], ...] = ()  # token shards: (piece index, part file URI)
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return resolve_fs(self.uri)
@@ -151,23 +152,26 @@ def find_shards(path: str, format: str = "auto", text_column: str = "text") -> l
     return shards
 
 
-def read_documents(shard: Shard) -> Iterator[str]:
-    """Yield the documents of one shard, streaming; bad content raises DataError."""
+def read_documents(shard: Shard, start: int = 0, stop: int = -1, stats: dict | None = None) -> Iterator[str]:
+    """Yield the documents of one shard, or of the piece [start, stop) of it (bytes for jsonl
+    and txt, row groups for parquet, record batches for hf; stop -1: to the end), streaming.
+    Bad content raises ShardError. ``stats["bytes_read"]``, when a dict is given, counts the
+    bytes read from the file so far (jsonl and txt)."""
     fs, p = shard.filesystem()
+    stats = {} if stats is None else stats
     try:
         if shard.format == "jsonl":
-            yield from _read_jsonl(fs, p, shard)
+            yield from _read_jsonl(fs, p, shard, start, stop, stats)
         elif shard.format == "parquet":
-            yield from _read_parquet(fs, p, shard)
+            yield from _read_parquet(fs, p, shard, start, stop)
         elif shard.format == "hf":
-            yield from _read_arrow(fs, p, shard)
+            yield from _read_arrow(fs, p, shard, start, stop)
         elif shard.format == "txt":
-            with fs.open_input_stream(p, compression="detect") as f:
-                raw = f.read()
+            raw = b"".join(_byte_chunks(fs, p, start, stop, stats))
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ShardError(f"{shard.uri}: byte {e.start}: not valid UTF-8", shard.uri) from None
+                raise ShardError(f"{shard.uri}: byte {start + e.start}: not valid UTF-8", shard.uri) from None
         else:
             raise DataError(f"{shard.uri}: unknown format {shard.format!r}; allowed: jsonl, parquet, txt, hf")
     except DataError:
@@ -176,44 +180,66 @@ def read_documents(shard: Shard) -> Iterator[str]:
         raise ShardError(f"{shard.uri}: cannot read shard: {e}", shard.uri) from None
 
 
-def _read_jsonl(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
-    with fs.open_input_stream(p, compression="detect") as f:
-        lineno = 0
-        buf = b""
-        while True:
-            chunk = f.read(1 << 20)
+_READ = 1 << 20
+
+
+def _byte_chunks(fs: pafs.FileSystem, p: str, start: int, stop: int, stats: dict) -> Iterator[bytes]:
+    """The bytes [start, stop) of a file (stop -1: to the end; a compressed file is read whole,
+    decompressed), 1 MiB at a time."""
+    stats.setdefault("bytes_read", 0)
+    if start == 0 and stop < 0:
+        with fs.open_input_stream(p, compression="detect") as f:
+            while chunk := f.read(_READ):
+                stats["bytes_read"] += len(chunk)
+                yield chunk
+        return
+    with fs.open_input_file(p) as f:
+        end = f.size() if stop < 0 else stop
+        at = start
+        while at < end:
+            chunk = f.read_at(min(_READ, end - at), at)
             if not chunk:
                 break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                lineno += 1
-                text = _jsonl_text(line, lineno, shard)
-                if text is not None:
-                    yield text
-        if buf.strip():
-            text = _jsonl_text(buf, lineno + 1, shard)
+            stats["bytes_read"] += len(chunk)
+            at += len(chunk)
+            yield chunk
+
+
+def _read_jsonl(fs: pafs.FileSystem, p: str, shard: Shard, start: int, stop: int, stats: dict) -> Iterator[str]:
+    where = "line {}" if start == 0 else f"line {{}} of the piece at byte {start}"
+    lineno = 0
+    buf = b""
+    for chunk in _byte_chunks(fs, p, start, stop, stats):
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            lineno += 1
+            text = _jsonl_text(line, where.format(lineno), shard)
             if text is not None:
                 yield text
+    if buf.strip():
+        text = _jsonl_text(buf, where.format(lineno + 1), shard)
+        if text is not None:
+            yield text
 
 
-def _jsonl_text(line: bytes, lineno: int, shard: Shard) -> str | None:
+def _jsonl_text(line: bytes, where: str, shard: Shard) -> str | None:
     if not line.strip():
         return None
     try:
         obj = json.loads(line)
     except UnicodeDecodeError:
-        raise ShardError(f"{shard.uri}: line {lineno}: not valid UTF-8", shard.uri) from None
+        raise ShardError(f"{shard.uri}: {where}: not valid UTF-8", shard.uri) from None
     except json.JSONDecodeError as e:
-        raise ShardError(f"{shard.uri}: line {lineno}: not valid JSON ({e.msg})", shard.uri) from None
+        raise ShardError(f"{shard.uri}: {where}: not valid JSON ({e.msg})", shard.uri) from None
     if not isinstance(obj, dict) or shard.text_column not in obj:
         keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ShardError(
-            f"{shard.uri}: line {lineno}: no text column {shard.text_column!r} (found: {keys})", shard.uri
+            f"{shard.uri}: {where}: no text column {shard.text_column!r} (found: {keys})", shard.uri
         )
     text = obj[shard.text_column]
     if not isinstance(text, str):
-        raise ShardError(f"{shard.uri}: line {lineno}: {shard.text_column!r} is not a string", shard.uri)
+        raise ShardError(f"{shard.uri}: {where}: {shard.text_column!r} is not a string", shard.uri)
     return text
 
 
@@ -226,29 +252,38 @@ def _texts(shard: Shard, column, start_row: int) -> Iterator[str]:
         yield text
 
 
-def _read_arrow(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
-    """A ``datasets`` arrow file (Arrow IPC stream), batch by batch."""
-    with fs.open_input_stream(p) as f:
-        reader = ipc.open_stream(f)
+def _read_arrow(fs: pafs.FileSystem, p: str, shard: Shard, start: int, stop: int) -> Iterator[str]:
+    """A ``datasets`` arrow file (Arrow IPC stream), record batches [start, stop). Batches
+    before ``start`` are passed over (without a copy when the file is local: memory-mapped)."""
+    import pyarrow as pa
+
+    source = pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_stream(p)
+    with source:
+        reader = ipc.open_stream(source)
         names = reader.schema.names
         if shard.text_column not in names:
             raise ShardError(
                 f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})", shard.uri
             )
         row = 0
-        for batch in reader:
-            yield from _texts(shard, batch.column(shard.text_column), row)
+        for i, batch in enumerate(reader):
+            if stop >= 0 and i >= stop:
+                break
+            if i >= start:
+                yield from _texts(shard, batch.column(shard.text_column), row)
             row += batch.num_rows
 
 
-def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard) -> Iterator[str]:
+def _read_parquet(fs: pafs.FileSystem, p: str, shard: Shard, start: int, stop: int) -> Iterator[str]:
     pf = pq.ParquetFile(fs.open_input_file(p))
     names = pf.schema_arrow.names
     if shard.text_column not in names:
         raise ShardError(
             f"{shard.uri}: no text column {shard.text_column!r} (columns: {', '.join(names)})", shard.uri
         )
-    row = 0
-    for batch in pf.iter_batches(columns=[shard.text_column], batch_size=1024):
+    meta = pf.metadata
+    groups = list(range(start, meta.num_row_groups if stop < 0 else stop))
+    row = sum(meta.row_group(i).num_rows for i in range(start))
+    for batch in pf.iter_batches(columns=[shard.text_column], batch_size=1024, row_groups=groups):
         yield from _texts(shard, batch.column(0), row)
         row += batch.num_rows

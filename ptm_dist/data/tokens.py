@@ -2,17 +2,24 @@
 
 Layout of DIR (a local directory or a URI)::
 
-    index.json          {"format": "ptm-tokens", "version": 1, "seq_len", "dtype", "eos_id",
-                         "vocab_size", "tokenizer_sha1", "train": [entry...], "val": [entry...]}
-                        entry: {"file": "train/000003.bin", "source": <raw shard URI>,
-                                "sequences": n, "tokens": n * seq_len}
+    index.json          {"format": "ptm-tokens", "version": 2, "seq_len", "dtype", "eos_id",
+                         "vocab_size", "tokenizer_sha1", "piece_bytes", "train": [entry...],
+                         "val": [entry...]}
+                        entry: {"file": "train/000003", "source": <raw shard URI>, "documents": n,
+                                "sequences": n, "tokens": n * seq_len, "pieces": [[piece, n], ...]}
     tokenizer/          the tokenizer the ids belong to (loads with AutoTokenizer)
-    train/000003.bin    row-major [sequences, seq_len] array of dtype (uint16 or uint32), no header
-    train/000003.json   the entry, written once the .bin is complete (a re-run skips the shard)
+    train/000003/00002.bin   piece 2 of raw shard 3: a row-major [sequences, seq_len] array of
+                             dtype (uint16 or uint32), no header
+    train/000003/00002.json  the piece's entry, written once its .bin is complete (a re-run
+                             skips the piece)
 
-Shard k of the token set holds exactly the sequences ``pack_shard`` makes from raw shard k, in
-the same order, so a run over token shards sees the same ids and batches as one that tokenizes
-on the fly. Reading is by byte range: memory per read is ``out_rows`` rows.
+One Ray task tokenizes one piece of a raw shard (``ptm_dist.data.pieces``, ``data.piece_bytes``),
+so a big shard is tokenized in parallel. Part ``j`` of token shard ``k`` holds exactly the
+sequences ``pack_piece`` makes from piece ``j`` of raw shard ``k``, in the same order and with
+the same ids, so a run over token shards sees the same batches as one that tokenizes on the
+fly with the same piece size. A piece with no complete sequence has no part file. Token sets
+of version 1 (one ``train/000003.bin`` per shard) are read as one piece per shard. Reading is
+by byte range: memory per read is ``out_rows`` rows.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ptm_dist import storage
-from ptm_dist.data.packing import pack_shard
+from ptm_dist.data.packing import pack_piece
+from ptm_dist.data.pieces import Piece, plan_pieces
 from ptm_dist.data.sources import Shard, find_shard_error
 from ptm_dist.errors import DataError, ShardError
 
 INDEX = "index.json"
 FORMAT = "ptm-tokens"
+VERSION = 2
 
 
 def is_token_dir(path: str) -> bool:
@@ -50,35 +59,45 @@ def load_index(path: str) -> dict:
         raise DataError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if index.get("format") != FORMAT:
         raise DataError(f"{where}: field 'format' is {index.get('format')!r}, expected {FORMAT!r}")
+    if index.get("version", 1) > VERSION:
+        raise DataError(f"{where}: token-set version {index['version']} is newer than this ptm reads ({VERSION})")
     for key in ("seq_len", "dtype", "train", "val"):
         if key not in index:
             raise DataError(f"{where}: missing field {key!r}")
     return index
 
 
+def part_file(file: str, piece: int) -> str:
+    return f"{file}/{piece:05d}.bin"
+
+
 def token_shards(path: str, split: str, weight: float = 1.0) -> list[Shard]:
     index = load_index(path)
-    return [Shard(storage.join(path, e["file"]), "tokens", "", weight, index["dtype"]) for e in index[split]]
+    out = []
+    for e in index[split]:
+        parts = tuple((j, storage.join(path, part_file(e["file"], j))) for j, n in e.get("pieces", ()) if n)
+        out.append(Shard(storage.join(path, e["file"]), "tokens", "", weight, index["dtype"], parts))
+    return out
 
 
-def _tokenize_shard(shard: Shard, shard_index: int, out_dir: str, file: str, tokenizer_json: str,
+def _tokenize_piece(shard: Shard, piece: Piece, out_dir: str, file: str, tokenizer_json: str,
                     seq_len: int, eos_id: int, dtype: str) -> dict:
-    """Pack one raw shard into ``out_dir/file``; returns its index entry (written beside it)."""
-    target = storage.join(out_dir, file)
+    """Pack one piece of a raw shard into ``out_dir/<file>/<piece>.bin``; returns the piece's
+    entry (written beside it)."""
+    target = storage.join(out_dir, part_file(file, piece.index))
     local_dir = Path(tempfile.mkdtemp(prefix="ptm-tokens-"))
-    local = local_dir / "shard.bin"
+    local = local_dir / "piece.bin"
     n = 0
     stats: dict = {}
     try:
         with open(local, "wb") as f:
-            for batch in pack_shard(shard, shard_index, tokenizer_json, seq_len, eos_id, stats=stats):
+            for batch in pack_piece(shard, piece, tokenizer_json, seq_len, eos_id, stats=stats):
                 f.write(batch["input_ids"].astype(dtype).tobytes())
                 n += len(batch["id"])
-        entry = {"file": file, "source": shard.uri, "documents": stats.get("documents", 0), "sequences": n,
-                 "tokens": n * seq_len}
-        if n == 0:
-            raise ShardError(f"{shard.uri}: no complete sequence of data.seq_len={seq_len} tokens", shard.uri)
-        _upload(local, target)
+        entry = {"piece": piece.index, "source": shard.uri, "start": piece.start, "stop": piece.stop,
+                 "documents": stats.get("documents", 0), "sequences": n}
+        if n:
+            _upload(local, target)
         storage.write_text(target[: -len(".bin")] + ".json", json.dumps(entry))
         return entry
     finally:
@@ -94,44 +113,49 @@ def _upload(local: Path, target: str) -> None:
     pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def _done_entry(out_dir: str, file: str, source: str) -> dict | None:
-    meta = storage.join(out_dir, file[: -len(".bin")] + ".json")
+def _done_entry(out_dir: str, file: str, piece: Piece, source: str) -> dict | None:
+    meta = storage.join(out_dir, part_file(file, piece.index)[: -len(".bin")] + ".json")
     if not storage.exists(meta):
         return None
     entry = json.loads(storage.read_text(meta))
-    return entry if entry.get("source") == source else None
+    same = (entry.get("source"), entry.get("start"), entry.get("stop")) == (source, piece.start, piece.stop)
+    return entry if same else None
 
 
 def write_token_dataset(
     out_dir: str, splits: dict[str, list[Shard]], tokenizer_dir: Path, seq_len: int, eos_id: int,
     vocab_size: int, max_bad_shards: int = 0, concurrency: int = 2,
-    progress: Callable[[int, int, int, float], None] | None = None,
+    progress: Callable[[int, int, int, int, float], None] | None = None, piece_bytes: int = 0,
 ) -> dict:
-    """Tokenize and pack every shard of ``splits`` into ``out_dir``; returns the index.
+    """Tokenize and pack every piece of every shard of ``splits`` into ``out_dir``; returns the
+    index.
 
-    Shards already written by an earlier, interrupted call (same source) are kept. With Ray
-    initialised the shards are packed by Ray tasks (``concurrency`` at a time per CPU slot).
-    ``progress(done_shards, total_shards, documents, tokens, seconds)`` is called as shards finish.
+    Pieces already written by an earlier, interrupted call (same source and range) are kept.
+    With Ray initialised the pieces are packed by Ray tasks, ``concurrency`` at a time.
+    ``progress(done_pieces, total_pieces, documents, tokens, seconds)`` is called as pieces
+    finish. A bad piece is skipped within ``max_bad_shards`` (counted per piece, as in training).
     """
     tokenizer_json = (tokenizer_dir / "tokenizer.json").read_text()
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     jobs, entries, bad = [], {}, []
+    total = 0
     for split, shards in splits.items():
-        for k, shard in enumerate(shards):
-            file = f"{split}/{k:06d}.bin"
-            done = _done_entry(out_dir, file, shard.uri)
+        for piece in plan_pieces(shards, piece_bytes):
+            total += 1
+            shard = shards[piece.shard]
+            file = f"{split}/{piece.shard:06d}"
+            done = _done_entry(out_dir, file, piece, shard.uri)
             if done:
-                entries[(split, k)] = done
+                entries[(split, piece.shard, piece.index)] = done
             else:
-                jobs.append((split, k, shard, file))
-    total = sum(len(s) for s in splits.values())
+                jobs.append((split, shard, piece, file))
     t0 = time.perf_counter()
     tokens = documents = 0  # this call's work, for its rate
 
     def finished(key, entry):
         nonlocal tokens, documents
         entries[key] = entry
-        tokens += entry["tokens"]
+        tokens += entry["sequences"] * seq_len
         documents += entry.get("documents", 0)
         if progress:
             progress(len(entries) + len(bad), total, documents, tokens, time.perf_counter() - t0)
@@ -140,7 +164,7 @@ def write_token_dataset(
         shard_error = find_shard_error(error)
         if shard_error is None:
             raise error
-        bad.append(shard.uri)
+        bad.append(shard.uri if shard_error.piece is None else f"{shard.uri} (piece {shard_error.piece})")
         message = str(shard_error).splitlines()[0]
         if len(bad) > max_bad_shards:
             raise DataError(f"{message} (bad shard {len(bad)}, over data.max_bad_shards={max_bad_shards})") from None
@@ -150,36 +174,50 @@ def write_token_dataset(
     import ray
 
     if ray.is_initialized() and jobs:
-        task = ray.remote(num_cpus=1, max_retries=0)(_tokenize_shard)
+        task = ray.remote(num_cpus=1, max_retries=0)(_tokenize_piece)
         pending: dict = {}
         queue = list(jobs)
         while queue or pending:
             while queue and len(pending) < concurrency:
-                split, k, shard, file = queue.pop(0)
-                ref = task.remote(shard, k, *args, file, tokenizer_json, seq_len, eos_id, dtype)
-                pending[ref] = (split, k, shard)
+                split, shard, piece, file = queue.pop(0)
+                ref = task.remote(shard, piece, *args, file, tokenizer_json, seq_len, eos_id, dtype)
+                pending[ref] = (split, shard, piece)
             ready, _ = ray.wait(list(pending), num_returns=1)
-            split, k, shard = pending.pop(ready[0])
+            split, shard, piece = pending.pop(ready[0])
             try:
-                finished((split, k), ray.get(ready[0]))
+                finished((split, piece.shard, piece.index), ray.get(ready[0]))
             except Exception as e:  # noqa: BLE001 - Ray wraps the task's error
                 failed(shard, e)
     else:
-        for split, k, shard, file in jobs:
+        for split, shard, piece, file in jobs:
             try:
-                finished((split, k), _tokenize_shard(shard, k, *args, file, tokenizer_json, seq_len, eos_id, dtype))
+                entry = _tokenize_piece(shard, piece, *args, file, tokenizer_json, seq_len, eos_id, dtype)
+                finished((split, piece.shard, piece.index), entry)
             except ShardError as e:
                 failed(shard, e)
     tok_files = {p.name: p.read_text() for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
     for name, text in tok_files.items():
         storage.write_text(storage.join(out_dir, "tokenizer", name), text)
     index = {
-        "format": FORMAT, "version": 1, "seq_len": seq_len, "dtype": dtype, "eos_id": eos_id,
+        "format": FORMAT, "version": VERSION, "seq_len": seq_len, "dtype": dtype, "eos_id": eos_id,
         "vocab_size": vocab_size, "tokenizer_sha1": hashlib.sha1(tokenizer_json.encode()).hexdigest(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped_bad_shards": bad,
+        "piece_bytes": piece_bytes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped_bad_shards": bad,
     }
     for split, shards in splits.items():
-        index[split] = [entries[(split, k)] for k in range(len(shards)) if (split, k) in entries]
+        index[split] = []
+        for k, shard in enumerate(shards):
+            parts = sorted((key[2], e) for key, e in entries.items() if key[:2] == (split, k))
+            n = sum(e["sequences"] for _, e in parts)
+            if not n:
+                if parts and not any(shard.uri in b for b in bad):
+                    failed(shard, ShardError(
+                        f"{shard.uri}: no complete sequence of data.seq_len={seq_len} tokens", shard.uri))
+                continue
+            index[split].append({
+                "file": f"{split}/{k:06d}", "source": shard.uri, "documents": sum(e["documents"] for _, e in parts),
+                "sequences": n, "tokens": n * seq_len, "pieces": [[j, e["sequences"]] for j, e in parts],
+            })
     storage.write_text(storage.join(out_dir, INDEX), json.dumps(index, indent=1))
     return index
 

@@ -67,6 +67,7 @@ class Trainer:
             list(data.train_shards), data.tokenizer_json, cfg.data.seq_len, special["eos"], cfg.run.seed,
             rank, world, cfg.data.read_concurrency, use_ray=spec.use_ray_data,
             max_bad_shards=cfg.data.max_bad_shards, shuffle_window=cfg.data.shuffle_window,
+            pieces=list(data.train_pieces),
         )
         _, val = take_sequences(
             list(data.val_shards), data.tokenizer_json, cfg.data.seq_len, special["eos"], cfg.train.eval_sequences,
@@ -213,10 +214,10 @@ class Trainer:
             dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
-    def bad_shards(self) -> dict[int, str]:
+    def bad_shards(self) -> dict[str, str]:
         """Bad shards skipped so far by all ranks; more than data.max_bad_shards stops the run
         (each rank also stops as soon as its own count passes the budget)."""
-        bad: dict[int, str] = {}
+        bad: dict[str, str] = {}
         for shards in gather_objects(dict(self.stream.bad)):
             bad.update(shards)
         if len(bad) > self.cfg.data.max_bad_shards:

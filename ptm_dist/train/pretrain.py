@@ -22,7 +22,7 @@ from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import faults, launch, progress, runlogs, storage, tracking
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import prepare_data
-from ptm_dist.errors import DataError, UserError, WorkerFailedError, iter_causes
+from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
 from ptm_dist.tracking import read_metrics
 
 
@@ -45,12 +45,9 @@ def pretrain(cfg: JobConfig) -> str:
     # Before Ray starts: a missing path, an unknown format or an unreadable tokenizer is an
     # error in seconds. (A tokenizer still to train samples the shards in this process.)
     data = prepare_data(cfg)
-    try:
-        worker_data = data.for_workers()
-    except Exception as e:  # tokenizers' own parse errors are several lines about Rust types
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise DataError(f"{data.tokenizer_dir}/tokenizer.json: not a tokenizer ptm can use: {first}") from e
-    print(f"[ptm] data: {len(data.train)} training shards, {len(data.val)} held-out shards, "
+    worker_data = data.for_workers(cache=run_dir)
+    print(f"[ptm] data: {len(data.train)} training shards in {len(worker_data.train_pieces)} pieces, "
+          f"{len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}", flush=True)
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
         _train(cfg, run_dir, worker_data, logs)

@@ -35,7 +35,7 @@ def test_ray_data_stream_skips_a_bad_shard_like_the_local_one(tmp_path, tok_json
     local = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
     remote = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=True, max_bad_shards=1)
     assert _epoch_ids(remote) == _epoch_ids(local)
-    assert list(remote.bad) == [2]
+    assert list(remote.bad) == ["2.0"]
 
 
 def test_shards_on_s3_through_pyarrow_and_ray_data(tmp_path, tok_json, s3_endpoint, ray_session):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from data_helpers import _eos, _epoch, _shards
 
+from ptm_dist.data.packing import split_id
 from ptm_dist.data.pipeline import SequenceStream
 from ptm_dist.data.tokenizer import _sample
 from ptm_dist.data.tokens import token_shards, write_token_dataset
@@ -21,21 +22,29 @@ def test_token_shards_give_the_same_stream(tmp_path, tok_dir, tok_json, ray_sess
     shards = _shards(tmp_path)
     eos = _eos(tok_json)
     seen = []
+    # pieces of about a third of a shard: each raw piece is tokenized by its own task into a part file
+    piece_bytes = min(Path(s.uri).stat().st_size for s in shards) // 3
     index = write_token_dataset(str(tmp_path / "tokens"), {"train": shards[:5], "val": shards[5:]}, tok_dir,
-                                16, eos, 300, progress=lambda *a: seen.append(a))
+                                16, eos, 300, progress=lambda *a: seen.append(a), piece_bytes=piece_bytes)
     assert index["dtype"] == "uint16" and len(index["train"]) == 5
-    assert seen[-1][:3] == (6, 6, 240) and seen[-1][3] == sum(e["tokens"] for e in index["train"] + index["val"])
+    n_pieces = sum(len(e["pieces"]) for e in index["train"] + index["val"])
+    assert n_pieces >= 18 and seen[-1][:2] == (n_pieces, n_pieces) and seen[-1][2] == 240
+    assert seen[-1][3] == sum(e["tokens"] for e in index["train"] + index["val"])
     tokens = token_shards(str(tmp_path / "tokens"), "train")
     for rank in (0, 1):
-        raw = SequenceStream(shards[:5], tok_json, 16, eos, 4, rank, 2, use_ray=False, shuffle_window=5)
+        raw = SequenceStream(shards[:5], tok_json, 16, eos, 4, rank, 2, use_ray=False, shuffle_window=5,
+                             piece_bytes=piece_bytes)
         tok_local = SequenceStream(tokens, tok_json, 16, eos, 4, rank, 2, use_ray=False, shuffle_window=5)
         tok_ray = SequenceStream(tokens, tok_json, 16, eos, 4, rank, 2, use_ray=True, shuffle_window=5)
         expected = _epoch(raw)
+        assert len({split_id(i)[1] for i, _ in expected}) >= 3  # sequences of several pieces of a shard
         assert _epoch(tok_local) == expected and _epoch(tok_ray) == expected
-    # A second call keeps the finished shards (an interrupted prepare resumes).
-    mtime = (tmp_path / "tokens" / "train" / "000000.bin").stat().st_mtime_ns
-    write_token_dataset(str(tmp_path / "tokens"), {"train": shards[:5], "val": shards[5:]}, tok_dir, 16, eos, 300)
-    assert (tmp_path / "tokens" / "train" / "000000.bin").stat().st_mtime_ns == mtime
+    # A second call keeps the finished pieces (an interrupted prepare resumes).
+    part = tmp_path / "tokens" / "train" / "000000" / "00001.bin"
+    mtime = part.stat().st_mtime_ns
+    write_token_dataset(str(tmp_path / "tokens"), {"train": shards[:5], "val": shards[5:]}, tok_dir, 16, eos, 300,
+                        piece_bytes=piece_bytes)
+    assert part.stat().st_mtime_ns == mtime
 
 
 def test_tokenizer_sample_through_ray_equals_in_process(tmp_path, ray_session):
@@ -102,9 +111,9 @@ def test_prepare_tokens_cli_progress_and_bad_shard(tmp_path, cache_dir):
     assert "token shards: 5 train" in ok.stdout and "1 held-out" in ok.stdout
     lines = Path(shards[3].uri).read_text().splitlines()
     Path(shards[3].uri).write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")
-    (tmp_path / "tok" / "train" / "000003.json").unlink()  # that shard must be redone
+    (tmp_path / "tok" / "train" / "000003" / "00000.json").unlink()  # that shard (one piece) must be redone
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 2
     err = [ln for ln in bad.stderr.splitlines() if "ptm prepare" in ln or "Traceback" in ln]
     assert len(err) == 1 and err[0].startswith("ptm prepare: error: ") and "s3.jsonl: line 6" in err[0], bad.stderr
-    assert (tmp_path / "tok" / "train" / "000000.json").exists()
+    assert (tmp_path / "tok" / "train" / "000000" / "00000.json").exists()

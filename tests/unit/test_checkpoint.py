@@ -170,3 +170,16 @@ def test_check_same_run_lets_a_run_without_a_complete_checkpoint_start_over(tmp_
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(load(None, ["data.seq_len=32"]).to_dict()))
     make(tmp_path, 10, complete=False)
     ck.check_same_run(str(tmp_path), load(None, ["data.seq_len=64"]).to_dict())
+
+
+def test_the_piece_size_is_part_of_the_identity_and_a_run_from_before_pieces_read_whole_shards(tmp_path):
+    job = load(None, []).to_dict()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    make(tmp_path, 10)
+    with pytest.raises(ConfigError, match=r"data.piece_bytes: 33554432 -> 1048576"):
+        ck.check_same_run(str(tmp_path), load(None, ["data.piece_bytes=1048576"]).to_dict())
+    old = {**job, "data": {k: v for k, v in job["data"].items() if k != "piece_bytes"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(old))  # written before data.piece_bytes existed
+    with pytest.raises(ConfigError, match=r"data.piece_bytes: 0 -> 33554432.*piece_bytes=0 resumes it"):
+        ck.check_same_run(str(tmp_path), job)
+    ck.check_same_run(str(tmp_path), load(None, ["data.piece_bytes=0"]).to_dict())

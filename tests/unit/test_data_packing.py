@@ -31,7 +31,7 @@ def test_packing_is_exact_eos_joined_and_ids_stable(tmp_path, tok_json):
     n = len(flat) // 16
     assert rows.shape == (n, 16)
     assert np.array_equal(rows.reshape(-1), flat[: n * 16])  # no padding, nothing reordered
-    assert [split_id(int(i)) for i in ids] == [(7, c) for c in range(n)]
+    assert [split_id(int(i)) for i in ids] == [(7, 0, c) for c in range(n)]
     skipped = np.concatenate([b["input_ids"] for b in pack_shard(shard, 7, tok_json, 16, eos, skip=5)])
     assert np.array_equal(skipped, rows[5:])
 

@@ -68,11 +68,11 @@ def test_bad_shard_budget_skips_the_rest_of_the_shard_and_counts_it(tmp_path, to
     rank = next(r for r in (0, 1) if 2 in shard_order(6, 0, 0, r, 2))
     stream = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
     got = _epoch_ids(stream)
-    assert list(stream.bad) == [2] and "line 11: not valid JSON" in stream.bad[2]
+    assert list(stream.bad) == ["2.0"] and "line 11: not valid JSON" in stream.bad["2.0"]
     assert len(got) == len(set(got))  # nothing replayed
     # Everything from the good shards, and from the bad one only what precedes the bad line.
     clean = SequenceStream([s for s in shards], tok_json, 16, eos, 0, rank, 2, use_ray=False)
-    clean.bad = {2: "skip"}
+    clean.bad = {"2.0": "skip"}
     expected_good = _epoch_ids(clean)
     from_bad = [i for i in got if split_id(i)[0] == 2]
     assert [i for i in got if split_id(i)[0] != 2] == expected_good
@@ -107,4 +107,4 @@ def test_skipped_shards_are_remembered_across_resume(tmp_path, tok_json):
     resumed = SequenceStream(shards, tok_json, 16, eos, 0, rank, 2, use_ray=False, max_bad_shards=1)
     resumed.load_state_dict(cut.state_dict())
     assert head + _epoch_ids(resumed) == full
-    assert list(resumed.bad) == [2]
+    assert list(resumed.bad) == ["2.0"]

@@ -1,0 +1,221 @@
+"""ptm_dist.data.pieces: shards cut into pieces read on their own, planned without reading the
+shards; streams over pieces in process (no Ray). The same through Ray Data, big shards, time to
+first sequence and memory: tests/e2e/test_data_pieces.py."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from data_helpers import DOCS, _eos, write_jsonl
+
+from ptm_dist.data import pieces as pieces_lib
+from ptm_dist.data.packing import pack_piece, pack_shard, split_id
+from ptm_dist.data.pieces import Piece, plan_pieces, shard_pieces
+from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream
+from ptm_dist.data.sources import Shard, read_documents
+
+MANY = [f"doc {i}: " + "lorem ipsum dolor sit amet " * (i % 11 + 1) for i in range(600)]
+
+
+def _docs_of(shard: Shard, pieces: list[Piece]) -> list[str]:
+    return [d for p in pieces for d in read_documents(shard, p.start, p.stop)]
+
+
+def test_jsonl_pieces_cut_at_line_ends_and_hold_every_document_once(tmp_path):
+    shard = Shard(str(write_jsonl(tmp_path / "a.jsonl", MANY)), "jsonl", "text")
+    size = (tmp_path / "a.jsonl").stat().st_size
+    pieces = shard_pieces(shard, 3, 4096)
+    assert len(pieces) == pytest.approx(size / 4096, abs=1)
+    assert [p.index for p in pieces] == list(range(len(pieces))) and {p.shard for p in pieces} == {3}
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    assert pieces[0].start == 0 and pieces[-1].stop == size
+    for a, b in itertools.pairwise(pieces):
+        assert a.stop == b.start and raw[a.stop - 1 : a.stop] == b"\n"
+    assert _docs_of(shard, pieces) == MANY
+    # a piece no bigger than the shard, and piece_bytes 0, keep it whole
+    assert shard_pieces(shard, 3, size) == [Piece(3, 0)] == shard_pieces(shard, 3, 0)
+
+
+class _CountingFS:
+    """A local filesystem that counts the bytes read through it (planning must not read shards)."""
+
+    def __init__(self):
+        self.fs, self.read = pafs.LocalFileSystem(), 0
+
+    def open_input_file(self, path):
+        outer, f = self, self.fs.open_input_file(path)
+
+        class File:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def read_at(self, n, offset):
+                data = f.read_at(n, offset)
+                outer.read += len(data)
+                return data
+
+        return File()
+
+
+def test_planning_reads_a_short_scan_per_cut_not_the_shard(tmp_path):
+    # 64 MiB with a line end every 100 KiB: 16 cuts of 4 MiB; a line end is at most 100 KiB on
+    path = tmp_path / "big.jsonl"
+    line = (json.dumps({"text": "x" * (100 * 1024 - 14)}) + "\n").encode()
+    path.write_bytes(line * ((64 << 20) // len(line)))
+    fs = _CountingFS()
+    size = path.stat().st_size
+    cuts = pieces_lib._line_cuts(fs, str(path), size, 4 << 20)
+    assert len(cuts) - 1 == pytest.approx(size / (4 << 20), abs=1)
+    assert fs.read <= (len(cuts) - 2) * (100 * 1024 + pieces_lib.SCAN_BYTES)
+    assert fs.read < size / 20  # measured: 0.96 MB of 64 MiB
+
+
+def test_parquet_and_arrow_pieces_are_groups_of_row_groups_and_batches(tmp_path):
+    table = pa.table({"text": MANY, "n": list(range(len(MANY)))})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=50)  # 12 row groups
+    shard = Shard(str(tmp_path / "a.parquet"), "parquet", "text")
+    group_bytes = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0).total_byte_size
+    pieces = shard_pieces(shard, 0, 3 * group_bytes)
+    assert 3 <= len(pieces) <= 6 and pieces[0].start == 0 and pieces[-1].stop == 12
+    assert _docs_of(shard, pieces) == MANY
+
+    with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(
+        sink, table.schema
+    ) as writer:
+        for b in table.to_batches(max_chunksize=40):  # 15 record batches, as datasets writes them
+            writer.write_batch(b)
+    shard = Shard(str(tmp_path / "data-00000-of-00001.arrow"), "hf", "text")
+    batch_bytes = table.slice(0, 40).nbytes
+    pieces = shard_pieces(shard, 0, 4 * batch_bytes)
+    assert 3 <= len(pieces) <= 6 and pieces[-1].stop == 15
+    assert _docs_of(shard, pieces) == MANY
+
+
+def test_compressed_and_unplannable_shards_are_one_piece(tmp_path):
+    gz = tmp_path / "a.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in MANY).encode()))
+    assert shard_pieces(Shard(str(gz), "jsonl", "text"), 0, 1024) == [Piece(0, 0)]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all" * 1000)
+    assert shard_pieces(Shard(str(tmp_path / "bad.parquet"), "parquet", "text"), 1, 1024) == [Piece(1, 0)]
+
+
+def test_a_big_txt_file_is_one_document_per_piece(tmp_path):
+    text = "".join(f"line {i} of a long book\n" for i in range(2000))
+    (tmp_path / "book.txt").write_text(text)
+    shard = Shard(str(tmp_path / "book.txt"), "txt", "text")
+    pieces = shard_pieces(shard, 0, 8192)
+    docs = _docs_of(shard, pieces)
+    assert len(docs) == len(pieces) > 3 and "".join(docs) == text and all(d.endswith("\n") for d in docs)
+
+
+def test_the_plan_is_cached_in_the_run_directory_and_redone_for_a_changed_shard(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", MANY)
+    b = write_jsonl(tmp_path / "b.jsonl", MANY[:300])
+    shards = [Shard(str(a), "jsonl", "text"), Shard(str(b), "jsonl", "text")]
+    run = tmp_path / "run"
+    first = plan_pieces(shards, 4096, cache=str(run))
+    saved = json.loads((run / pieces_lib.PLAN_FILE).read_text())
+    assert saved["piece_bytes"] == 4096 and set(saved["shards"]) == {str(a), str(b)}
+    # the cached plan is what a second call returns: doctor it to prove it is read
+    saved["shards"][str(a)]["pieces"] = [[0, saved["shards"][str(a)]["size"]]]
+    (run / pieces_lib.PLAN_FILE).write_text(json.dumps(saved))
+    assert [p for p in plan_pieces(shards, 4096, cache=str(run)) if p.shard == 0] == [Piece(0, 0, 0, a.stat().st_size)]
+    write_jsonl(a, MANY + ["one more document"])  # its size changed: planned again
+    again = plan_pieces(shards, 4096, cache=str(run))
+    assert len([p for p in again if p.shard == 0]) >= len([p for p in first if p.shard == 0])
+    assert [p for p in again if p.shard == 1] == [p for p in first if p.shard == 1]
+
+
+def test_ids_name_shard_piece_and_index_and_each_piece_packs_alone(tmp_path, tok_json):
+    shard = Shard(str(write_jsonl(tmp_path / "a.jsonl", MANY)), "jsonl", "text")
+    eos = _eos(tok_json)
+    pieces = shard_pieces(shard, 5, 4096)
+    for p in pieces:
+        batches = list(pack_piece(shard, p, tok_json, 16, eos))
+        ids = np.concatenate([b["id"] for b in batches])
+        assert [split_id(int(i)) for i in ids] == [(5, p.index, c) for c in range(len(ids))]
+        # exactly the EOS-joined tokens of the piece's own documents, cut into rows
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tok_json)
+        flat = [t for d in read_documents(shard, p.start, p.stop) for t in tok.encode(d, add_special_tokens=False).ids
+                + [eos]]
+        rows = np.concatenate([b["input_ids"] for b in batches])
+        assert rows.ravel().tolist() == flat[: len(rows) * 16]
+        assert len(flat) - len(rows) * 16 < 16  # only the tail shorter than a row is dropped
+    whole = list(pack_shard(shard, 5, tok_json, 16, eos))
+    assert split_id(int(whole[0]["id"][0])) == (5, 0, 0)
+
+
+def _stream(shards, tok_json, rank=0, world=1, **kw):
+    return SequenceStream(shards, tok_json, 16, _eos(tok_json), 0, rank, world, use_ray=False, **kw)
+
+
+def _epoch(stream):
+    out = []
+    for seq_id, _ in stream:
+        out.append(seq_id)
+        if stream.position.epoch > 0:
+            return out[:-1]
+
+
+def test_one_shard_feeds_two_workers_and_the_pieces_cover_it_once(tmp_path, tok_json):
+    shards = [Shard(str(write_jsonl(tmp_path / "a.jsonl", MANY)), "jsonl", "text")]
+    ranks = [_epoch(_stream(shards, tok_json, r, 2, piece_bytes=4096)) for r in (0, 1)]
+    assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
+    every = {int(i) for p in shard_pieces(shards[0], 0, 4096)
+             for b in pack_piece(shards[0], p, tok_json, 16, _eos(tok_json)) for i in b["id"]}
+    assert set(ranks[0]) | set(ranks[1]) == every
+    with pytest.raises(Exception, match="every worker needs at least one piece"):
+        _stream(shards, tok_json, 0, 2, piece_bytes=0)
+
+
+@pytest.mark.parametrize("cut", [3, 40, 137])  # inside the first piece, across pieces, later
+def test_resume_inside_and_across_pieces_is_exactly_once(tmp_path, tok_json, cut):
+    shards = [Shard(str(write_jsonl(tmp_path / f"{k}.jsonl", MANY[k::2])), "jsonl", "text") for k in range(2)]
+    full = _epoch(_stream(shards, tok_json, shuffle_window=8, piece_bytes=4096))
+    first = _stream(shards, tok_json, shuffle_window=8, piece_bytes=4096)
+    it = iter(first)
+    head = [next(it)[0] for _ in range(cut)]
+    resumed = _stream(shards, tok_json, shuffle_window=8, piece_bytes=4096)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _epoch(resumed) == full
+
+
+def test_a_bad_piece_is_skipped_alone_and_counted(tmp_path, tok_json):
+    docs = [json.dumps({"text": d}) + "\n" for d in MANY]
+    docs[300] = "{broken json\n"
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(docs))
+    shards = [Shard(str(path), "jsonl", "text")]
+    pieces = shard_pieces(shards[0], 0, 4096)
+    offset = len("".join(docs[:300]).encode())
+    bad = next(p for p in pieces if p.start <= offset < p.stop)
+    got = _epoch(_stream(shards, tok_json, piece_bytes=4096, max_bad_shards=1))
+    stream = _stream(shards, tok_json, piece_bytes=4096, max_bad_shards=1)
+    _epoch(stream)
+    assert list(stream.bad) == [bad.key] and "not valid JSON" in stream.bad[bad.key]
+    assert f"of the piece at byte {bad.start}" in stream.bad[bad.key]
+    good = {p.index for p in pieces} - {bad.index}
+    assert good <= {split_id(i)[1] for i in got}
+    with pytest.raises(BadShardBudgetExceeded):
+        _epoch(_stream(shards, tok_json, piece_bytes=4096, max_bad_shards=0))
+
+
+def test_old_positions_name_bad_shards_by_index(tmp_path, tok_json):
+    shards = [Shard(str(write_jsonl(tmp_path / f"{k}.jsonl", DOCS[k * 40 : (k + 1) * 40])), "jsonl", "text")
+              for k in range(3)]
+    stream = _stream(shards, tok_json, max_bad_shards=1)
+    stream.load_state_dict({"epoch": 0, "slot": 0, "chunk": 0, "taken": 0, "consumed": 0, "bad": {"1": "why"}})
+    assert stream.bad == {"1.0": "why"}
+    assert all(split_id(i)[0] != 1 for i in _epoch(stream))
