@@ -1,8 +1,8 @@
 """Which packed sequences each optimizer step trained on: ``<run_dir>/sequence_ids/rank<r>.jsonl``.
 
 Written when ``data.log_sequence_ids`` is on, one line per step and rank:
-``{"step": 12, "seqs": [[epoch, id], ...]}`` (ids as in ``ptm_dist.data.pipeline``:
-shard_index << 32 | sequence). It answers "what data did step N see" (a loss spike, a bad
+``{"step": 12, "seqs": [[epoch, id], ...]}`` (ids as in ``ptm_dist.data.packing``:
+shard << 40 | piece << 24 | index). It answers "what data did step N see" (a loss spike, a bad
 document) and audits the exactly-once guarantee: after a resume from step S the lines past S
 (work lost with the crash) are dropped, so the file always describes the run that produced the
 weights.

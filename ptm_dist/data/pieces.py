@@ -27,7 +27,7 @@ import itertools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ptm_dist import storage
 from ptm_dist.data.sources import Shard, resolve_fs
@@ -43,21 +43,38 @@ WHOLE = -1  # a piece's ``stop`` when it runs to the end of its shard
 class Piece:
     """Piece ``index`` of shard ``shard`` (its position in the shard list): the range
     [start, stop) in the format's unit (bytes, row groups, record batches; stop WHOLE: to the
-    end). ``uri``, when set, is a file of its own that holds the piece (token part files)."""
+    end). ``uri``, when set, is a file of its own that holds the piece (token part files).
+    ``size``: its bytes where known (0: unknown), used only to group small pieces into tasks."""
 
     shard: int
     index: int
     start: int = 0
     stop: int = WHOLE
     uri: str | None = None
+    size: int = field(default=0, compare=False)
 
     @property
     def key(self) -> str:
         return f"{self.shard}.{self.index}"
 
 
-def whole_pieces(shards: list[Shard]) -> list[Piece]:
-    return [Piece(k, 0) for k in range(len(shards))]
+def task_groups(pieces: list[Piece], target_bytes: int, min_groups: int) -> list[list[int]]:
+    """Consecutive runs of ``pieces`` (their positions) read by one Ray Data task each: small
+    pieces (a corpus of many small shards) are grouped up to ``target_bytes``, so the cost of a
+    task is not paid per few kB, but into no fewer than ``min_groups`` runs (parallelism); a
+    piece of unknown size stays alone."""
+    most = max(1, -(-len(pieces) // max(1, min_groups)))
+    groups: list[list[int]] = []
+    total = 0
+    for i, p in enumerate(pieces):
+        if groups and p.size and total + p.size <= target_bytes and len(groups[-1]) < most \
+                and pieces[groups[-1][-1]].size:
+            groups[-1].append(i)
+            total += p.size
+        else:
+            groups.append([i])
+            total = p.size
+    return groups
 
 
 def _is_compressed(uri: str) -> bool:
@@ -126,25 +143,29 @@ def shard_pieces(shard: Shard, k: int, piece_bytes: int) -> list[Piece]:
         if shard.format in ("jsonl", "txt"):
             size = fs.get_file_info(path).size or 0
             if size <= piece_bytes:
-                return [Piece(k, 0)]
+                return [Piece(k, 0, size=size)]
             cuts = _line_cuts(fs, path, size, piece_bytes)
             ranges = list(itertools.pairwise(cuts))
+            sizes = [b - a for a, b in ranges]
         elif shard.format == "parquet":
             import pyarrow.parquet as pq
 
             with fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f).metadata
-                sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
-            ranges = _group(sizes, piece_bytes)
+                groups = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+            ranges = _group(groups, piece_bytes)
+            sizes = [sum(groups[a:b]) for a, b in ranges]
         elif shard.format == "hf":
-            ranges = _group(_arrow_batch_sizes(fs, path), piece_bytes)
+            batches = _arrow_batch_sizes(fs, path)
+            ranges = _group(batches, piece_bytes)
+            sizes = [sum(batches[a:b]) for a, b in ranges]
         else:
             return [Piece(k, 0)]
     except Exception:  # noqa: BLE001 - reported when the piece is read, as a bad shard
         return [Piece(k, 0)]
     if len(ranges) <= 1:
-        return [Piece(k, 0)]
-    return [Piece(k, j, start, stop) for j, (start, stop) in enumerate(ranges)]
+        return [Piece(k, 0, size=sum(sizes))]
+    return [Piece(k, j, start, stop, size=n) for j, ((start, stop), n) in enumerate(zip(ranges, sizes))]
 
 
 def plan_pieces(
@@ -178,7 +199,10 @@ def plan_pieces(
         size = size_of(shard)
         hit = cached.get(shard.uri)
         if hit and size is not None and hit.get("size") == size:
-            return [Piece(k, j, a, b) for j, (a, b) in enumerate(hit["pieces"])], size
+            pieces = [Piece(k, j, a, b) for j, (a, b) in enumerate(hit["pieces"])]
+            if len(pieces) == 1:
+                return [replace(pieces[0], size=size)], size
+            return [replace(p, size=(p.stop - p.start) if p.stop >= 0 else 0) for p in pieces], size
         return shard_pieces(shard, k, piece_bytes), size
 
     out: list[list[Piece]] = [[] for _ in shards]

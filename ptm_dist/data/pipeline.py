@@ -4,7 +4,8 @@ Shards are cut into pieces of about ``data.piece_bytes`` (``ptm_dist.data.pieces
 (rank) owns a deterministic slice of the pieces for each epoch: the piece list is permuted with
 (run.seed, epoch) and rank r takes every world-th piece from position r, so even one big shard
 feeds every worker. One Ray Data task reads, tokenizes and packs one piece
-(``ptm_dist.data.packing``) and hands its sequences on in blocks of about 1 MiB as they are made,
+(``ptm_dist.data.packing``; small pieces, as of a corpus of many small shards, are grouped up
+to GROUP_BYTES per task) and hands its sequences on in blocks of about 1 MiB as they are made,
 so the first sequences of a big shard arrive while the rest is still being read; the tasks
 spread over the cluster while ``preserve_order`` keeps the stream order fixed. That fixed order
 is what makes an exact, mid-epoch resume possible in open-source Ray (whose streams cannot
@@ -18,18 +19,24 @@ no padding; a piece's last partial sequence is dropped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ptm_dist.data.packing import pack_piece, split_id
-from ptm_dist.data.pieces import Piece, plan_pieces, shard_pieces
+from ptm_dist.data.pieces import Piece, plan_pieces, shard_pieces, task_groups
 from ptm_dist.data.sources import Shard, find_shard_error
 from ptm_dist.errors import DataError
 
 PLAN_EPOCHS = 2  # a Ray Data dataset covers the rest of this epoch and the next one
 BLOCK_BYTES = 1 << 20  # Ray Data hands a task's output on in blocks of this size (default 128 MiB)
+GROUP_BYTES = 32 << 20  # small pieces (small shards) are read by one task up to this many bytes
+# Packed sequences waiting in Ray's object store per stream: producers pause beyond it, so how
+# far tokenization runs ahead of a slower trainer (and the memory it takes) does not grow with
+# the shards (Ray Data's own budget is a share of the whole object store).
+AHEAD_BYTES = 64 << 20
 
 
 def epoch_slots(weights: list[float], seed: int, epoch: int) -> list[int]:
@@ -98,15 +105,15 @@ def _tag(out: dict, epoch: int, slot: int, stats: dict) -> dict:
 
 
 def _pack_rows(batch: dict, tokenizer_json: str, seq_len: int, eos_id: int) -> Iterator[dict]:
-    """Ray Data UDF: one input row (a piece of the plan) -> batches of packed sequences."""
-    for i in range(len(batch["uri"])):
-        dtype = str(batch["dtype"][i]) or None
-        shard = Shard(str(batch["uri"][i]), str(batch["format"][i]), str(batch["text_column"][i]), dtype=dtype)
-        piece = Piece(int(batch["shard_index"][i]), int(batch["piece"][i]), int(batch["start"][i]),
-                      int(batch["stop"][i]), str(batch["part_uri"][i]) or None)
-        stats: dict = {}
-        for out in pack_piece(shard, piece, tokenizer_json, seq_len, eos_id, int(batch["skip"][i]), stats=stats):
-            yield _tag(out, int(batch["epoch"][i]), int(batch["slot"][i]), stats)
+    """Ray Data UDF: one input row (a run of consecutive pieces of the plan, as JSON) ->
+    batches of packed sequences, piece after piece."""
+    for group in batch["pieces"]:
+        for item in json.loads(str(group)):
+            shard = Shard(item["uri"], item["format"], item["text_column"], dtype=item["dtype"] or None)
+            piece = Piece(item["shard_index"], item["piece"], item["start"], item["stop"], item["part_uri"] or None)
+            stats: dict = {}
+            for out in pack_piece(shard, piece, tokenizer_json, seq_len, eos_id, item["skip"], stats=stats):
+                yield _tag(out, item["epoch"], item["slot"], stats)
 
 
 class SequenceStream:
@@ -209,6 +216,8 @@ class SequenceStream:
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         ctx.target_max_block_size = BLOCK_BYTES
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=AHEAD_BYTES)
         items = []
         for epoch, slot, i, skip in plan:
             piece = self.pieces[i]
@@ -218,7 +227,9 @@ class SequenceStream:
                 "shard_index": piece.shard, "piece": piece.index, "start": piece.start, "stop": piece.stop,
                 "part_uri": piece.uri or "", "skip": skip, "slot": slot, "epoch": epoch,
             })
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        groups = task_groups([self.pieces[i] for _, _, i, _ in plan], GROUP_BYTES, 2 * self.concurrency)
+        rows = [{"pieces": json.dumps([items[k] for k in group])} for group in groups]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             _pack_rows,
             batch_size=1,
             fn_kwargs={"tokenizer_json": self.tok_json, "seq_len": self.seq_len, "eos_id": self.eos_id},

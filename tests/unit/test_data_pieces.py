@@ -219,3 +219,15 @@ def test_old_positions_name_bad_shards_by_index(tmp_path, tok_json):
     stream.load_state_dict({"epoch": 0, "slot": 0, "chunk": 0, "taken": 0, "consumed": 0, "bad": {"1": "why"}})
     assert stream.bad == {"1.0": "why"}
     assert all(split_id(i)[0] != 1 for i in _epoch(stream))
+
+
+def test_small_pieces_are_grouped_into_tasks_but_never_into_too_few(tmp_path):
+    from ptm_dist.data.pieces import task_groups
+
+    small = [Piece(k, 0, size=100_000) for k in range(32)]  # a corpus of small shards: 32 plan entries
+    groups = task_groups(small, 32 << 20, 4)
+    assert [len(g) for g in groups] == [8, 8, 8, 8] and [i for g in groups for i in g] == list(range(32))
+    big = [Piece(0, j, size=30 << 20) for j in range(7)]  # pieces of a big shard: one task each
+    assert task_groups(big, 32 << 20, 4) == [[j] for j in range(7)]
+    unknown = [Piece(k, 0) for k in range(5)]  # sizes unknown (token parts): one task each
+    assert task_groups(unknown, 32 << 20, 1) == [[k] for k in range(5)]
