@@ -231,3 +231,21 @@ def test_small_pieces_are_grouped_into_tasks_but_never_into_too_few(tmp_path):
     assert task_groups(big, 32 << 20, 4) == [[j] for j in range(7)]
     unknown = [Piece(k, 0) for k in range(5)]  # sizes unknown (token parts): one task each
     assert task_groups(unknown, 32 << 20, 1) == [[k] for k in range(5)]
+
+
+def test_pieces_are_planned_and_read_on_object_storage(tmp_path, s3_endpoint):
+    from ptm_dist import storage
+
+    text = "".join(json.dumps({"text": d}) + "\n" for d in MANY)
+    uri = f"s3://ptm/pieces-test/{tmp_path.name}/a.jsonl"
+    storage.write_text(uri, text)
+    (tmp_path / "up").mkdir()
+    pq.write_table(pa.table({"text": MANY}), tmp_path / "up" / "a.parquet", row_group_size=50)
+    storage.upload_dir(tmp_path / "up", f"s3://ptm/pieces-test/{tmp_path.name}")
+    pq_uri = f"s3://ptm/pieces-test/{tmp_path.name}/a.parquet"
+    shard = Shard(uri, "jsonl", "text")
+    pieces = plan_pieces([shard, Shard(pq_uri, "parquet", "text")], 4096)
+    jsonl = [p for p in pieces if p.shard == 0]
+    parquet = [p for p in pieces if p.shard == 1]
+    assert len(jsonl) > 10 and len(parquet) > 1
+    assert _docs_of(shard, jsonl) == MANY and _docs_of(Shard(pq_uri, "parquet", "text"), parquet) == MANY
