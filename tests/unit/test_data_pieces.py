@@ -32,13 +32,21 @@ def test_jsonl_pieces_cut_at_line_ends_and_hold_every_document_once(tmp_path):
     shard = Shard(str(write_jsonl(tmp_path / "a.jsonl", MANY)), "jsonl", "text")
     size = (tmp_path / "a.jsonl").stat().st_size
     pieces = shard_pieces(shard, 3, 4096)
-    assert len(pieces) == pytest.approx(size / 4096, abs=1)
     assert [p.index for p in pieces] == list(range(len(pieces))) and {p.shard for p in pieces} == {3}
     raw = (tmp_path / "a.jsonl").read_bytes()
+    # a cut just after the first line end at or after each multiple of 4096 (lines are shorter)
+    cuts = sorted({raw.index(b"\n", t - 1) + 1 for t in range(4096, size, 4096)} - {size})
+    assert [p.start for p in pieces] == [0, *cuts]
     assert pieces[0].start == 0 and pieces[-1].stop == size
     for a, b in itertools.pairwise(pieces):
         assert a.stop == b.start and raw[a.stop - 1 : a.stop] == b"\n"
     assert _docs_of(shard, pieces) == MANY
+    # a line ending exactly at a multiple: the cut is that multiple (lines of 512 bytes)
+    line = json.dumps({"text": "y" * 499}) + "\n"
+    assert len(line) == 512
+    (tmp_path / "b.jsonl").write_text(line * 40)
+    even = shard_pieces(Shard(str(tmp_path / "b.jsonl"), "jsonl", "text"), 0, 4096)
+    assert [(p.start, p.stop) for p in even] == [(k, k + 4096) for k in range(0, 40 * 512, 4096)]
     # a piece no bigger than the shard, and piece_bytes 0, keep it whole
     assert shard_pieces(shard, 3, size) == [Piece(3, 0)] == shard_pieces(shard, 3, 0)
 
@@ -68,25 +76,40 @@ class _CountingFS:
 
 
 def test_planning_reads_a_short_scan_per_cut_not_the_shard(tmp_path):
-    # 64 MiB with a line end every 100 KiB: 16 cuts of 4 MiB; a line end is at most 100 KiB on
+    # 64 MiB of lines of about 100 KiB, cut every 4 MiB
     path = tmp_path / "big.jsonl"
     line = (json.dumps({"text": "x" * (100 * 1024 - 14)}) + "\n").encode()
     path.write_bytes(line * ((64 << 20) // len(line)))
     fs = _CountingFS()
-    size = path.stat().st_size
-    cuts = pieces_lib._line_cuts(fs, str(path), size, 4 << 20)
-    assert len(cuts) - 1 == pytest.approx(size / (4 << 20), abs=1)
-    assert fs.read <= (len(cuts) - 2) * (100 * 1024 + pieces_lib.SCAN_BYTES)
-    assert fs.read < size / 20  # measured: 0.96 MB of 64 MiB
+    size, n, piece, scan = path.stat().st_size, len(line), 4 << 20, pieces_lib.SCAN_BYTES
+    cuts = pieces_lib._line_cuts(fs, str(path), size, piece)
+    targets = [t for t in range(piece, size, piece) if -(-t // n) * n < size]
+    assert cuts == [0, *(-(-t // n) * n for t in targets), size]  # just after the line holding byte t-1
+    # what is read: 64 KiB scans from byte t-1 up to that line end, and nothing else
+    assert fs.read == sum(-(-(c - t + 1) // scan) * scan for t, c in zip(targets, cuts[1:]))
+    print(f"planning read {fs.read:,} of {size:,} bytes")
+
+
+def _assert_greedy(pieces: list[Piece], sizes: list[int], limit: int) -> None:
+    """The pieces are consecutive runs covering every item, each as long as it can be: within
+    ``limit`` bytes (or one item alone), and over it with the next item added."""
+    bounds = [(p.start, p.stop) for p in pieces]
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(sizes)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    for start, stop in bounds:
+        assert stop - start == 1 or sum(sizes[start:stop]) <= limit
+        assert stop == len(sizes) or sum(sizes[start : stop + 1]) > limit
 
 
 def test_parquet_and_arrow_pieces_are_groups_of_row_groups_and_batches(tmp_path):
     table = pa.table({"text": MANY, "n": list(range(len(MANY)))})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=50)  # 12 row groups
     shard = Shard(str(tmp_path / "a.parquet"), "parquet", "text")
-    group_bytes = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0).total_byte_size
-    pieces = shard_pieces(shard, 0, 3 * group_bytes)
-    assert 3 <= len(pieces) <= 6 and pieces[0].start == 0 and pieces[-1].stop == 12
+    meta = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    group_sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    pieces = shard_pieces(shard, 0, 3 * group_sizes[0])
+    assert len(pieces) > 2
+    _assert_greedy(pieces, group_sizes, 3 * group_sizes[0])
     assert _docs_of(shard, pieces) == MANY
 
     with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(
@@ -95,9 +118,10 @@ def test_parquet_and_arrow_pieces_are_groups_of_row_groups_and_batches(tmp_path)
         for b in table.to_batches(max_chunksize=40):  # 15 record batches, as datasets writes them
             writer.write_batch(b)
     shard = Shard(str(tmp_path / "data-00000-of-00001.arrow"), "hf", "text")
-    batch_bytes = table.slice(0, 40).nbytes
-    pieces = shard_pieces(shard, 0, 4 * batch_bytes)
-    assert 3 <= len(pieces) <= 6 and pieces[-1].stop == 15
+    batch_sizes = [b.nbytes for b in table.to_batches(max_chunksize=40)]
+    pieces = shard_pieces(shard, 0, 4 * batch_sizes[0])
+    assert len(pieces) > 2
+    _assert_greedy(pieces, batch_sizes, 4 * batch_sizes[0])
     assert _docs_of(shard, pieces) == MANY
 
 
