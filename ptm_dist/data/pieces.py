@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from ptm_dist import storage
-from ptm_dist.data.sources import Shard, resolve_fs
+from ptm_dist.data.sources import Shard, open_arrow, resolve_fs
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".lz4", ".br")
 SCAN_BYTES = 1 << 16  # bytes read at a time while looking for the line end after a cut
@@ -118,16 +117,10 @@ def _group(sizes: list[int], piece_bytes: int) -> list[tuple[int, int]]:
 
 
 def _arrow_batch_sizes(fs, path: str) -> list[int]:
-    """Bytes of each record batch of a datasets arrow file (a memory map when local: no copy)."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
+    """Bytes of each record batch of a datasets arrow file."""
     from pyarrow import ipc
 
-    if isinstance(fs, pafs.LocalFileSystem):
-        source = pa.memory_map(path)
-    else:
-        source = fs.open_input_stream(path)
-    with source:
+    with open_arrow(fs, path) as source:
         return [batch.nbytes for batch in ipc.open_stream(source)]
 
 
@@ -168,10 +161,7 @@ def shard_pieces(shard: Shard, k: int, piece_bytes: int) -> list[Piece]:
     return [Piece(k, j, start, stop, size=n) for j, ((start, stop), n) in enumerate(zip(ranges, sizes))]
 
 
-def plan_pieces(
-    shards: list[Shard], piece_bytes: int, cache: str | None = None, threads: int = 16,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Piece]:
+def plan_pieces(shards: list[Shard], piece_bytes: int, cache: str | None = None, threads: int = 16) -> list[Piece]:
     """The pieces of every shard, in shard order. With ``cache`` (a run directory) the plan is
     read from and written to ``<cache>/data_pieces.json``; shards whose URI, size or piece
     size differ from the cached entry are planned again."""
@@ -205,13 +195,10 @@ def plan_pieces(
             return [replace(p, size=(p.stop - p.start) if p.stop >= 0 else 0) for p in pieces], size
         return shard_pieces(shard, k, piece_bytes), size
 
-    out: list[list[Piece]] = [[] for _ in shards]
-    sizes: dict[str, int | None] = {}
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
-        for n, (k, (pieces, size)) in enumerate(zip(range(len(shards)), pool.map(plan, range(len(shards))))):
-            out[k], sizes[shards[k].uri] = pieces, size
-            if progress and (n + 1) % 100 == 0:
-                progress(n + 1, len(shards))
+        planned = list(pool.map(plan, range(len(shards))))
+    out = [pieces for pieces, _ in planned]
+    sizes = {shard.uri: size for shard, (_, size) in zip(shards, planned)}
     flat = [p for pieces in out for p in pieces]
     if cache_file and piece_bytes > 0:
         entries = {shards[k].uri: {"size": sizes[shards[k].uri], "pieces": [[p.start, p.stop] for p in out[k]]}

@@ -252,13 +252,17 @@ def _texts(shard: Shard, column, start_row: int) -> Iterator[str]:
         yield text
 
 
-def _read_arrow(fs: pafs.FileSystem, p: str, shard: Shard, start: int, stop: int) -> Iterator[str]:
-    """A ``datasets`` arrow file (Arrow IPC stream), record batches [start, stop). Batches
-    before ``start`` are passed over (without a copy when the file is local: memory-mapped)."""
+def open_arrow(fs: pafs.FileSystem, p: str):
+    """A ``datasets`` arrow file to read as an Arrow IPC stream: memory-mapped when local, so
+    record batches that are passed over are never copied."""
     import pyarrow as pa
 
-    source = pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_stream(p)
-    with source:
+    return pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_stream(p)
+
+
+def _read_arrow(fs: pafs.FileSystem, p: str, shard: Shard, start: int, stop: int) -> Iterator[str]:
+    """A ``datasets`` arrow file (Arrow IPC stream), record batches [start, stop)."""
+    with open_arrow(fs, p) as source:
         reader = ipc.open_stream(source)
         names = reader.schema.names
         if shard.text_column not in names:

@@ -138,6 +138,7 @@ def write_token_dataset(
     tokenizer_json = (tokenizer_dir / "tokenizer.json").read_text()
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     jobs, entries, bad = [], {}, []
+    bad_shards: set[str] = set()  # URIs of shards with a bad piece
     total = 0
     for split, shards in splits.items():
         for piece in plan_pieces(shards, piece_bytes):
@@ -165,6 +166,7 @@ def write_token_dataset(
         if shard_error is None:
             raise error
         bad.append(shard.uri if shard_error.piece is None else f"{shard.uri} (piece {shard_error.piece})")
+        bad_shards.add(shard.uri)
         message = str(shard_error).splitlines()[0]
         if len(bad) > max_bad_shards:
             raise DataError(f"{message} (bad shard {len(bad)}, over data.max_bad_shards={max_bad_shards})") from None
@@ -210,7 +212,7 @@ def write_token_dataset(
             parts = sorted((key[2], e) for key, e in entries.items() if key[:2] == (split, k))
             n = sum(e["sequences"] for _, e in parts)
             if not n:
-                if parts and not any(shard.uri in b for b in bad):
+                if parts and shard.uri not in bad_shards:
                     failed(shard, ShardError(
                         f"{shard.uri}: no complete sequence of data.seq_len={seq_len} tokens", shard.uri))
                 continue
