@@ -362,48 +362,84 @@ def format_report(r: dict) -> str:
 
 
 class PeakMemory:
-    """Peak resident memory of this process plus the Ray task workers (``ray::`` processes under
-    this node's raylet, when this process started Ray), sampled every ``interval`` seconds."""
+    """Resident memory of this process plus the Ray task workers (``ray::`` processes under this
+    node's raylet, when this process started Ray), sampled every ``interval`` seconds.
 
-    def __init__(self, interval: float = 0.05):
+    ``peak`` is the largest sum seen. ``added`` is what the work inside the block added: this
+    process's growth and each worker's growth over its size at the start; a worker that Ray starts
+    during the block counts from the size of an idle worker at the start (the median, or
+    ``idle_rss``). Ray ends a worker whose task was cancelled (a stream closed early) and starts
+    another for the next task, or reuses an idle one: the footprint of a fresh worker (about
+    210 MB with the tokenizer imported) is not the work's and would swing a sum by that much."""
+
+    def __init__(self, interval: float = 0.05, idle_rss: int | None = None):
         import threading
 
         self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.raylet = _raylet_pid()
+        self._first: dict[int, int] = {}
+        self._high: dict[int, int] = {}
+        self._idle = idle_rss  # else the median idle worker at the start
 
-    def total(self) -> int:
+    def sizes(self) -> dict[int, tuple[str, int]]:
+        """{pid: (name, rss)} of this process and the task workers."""
         import psutil
 
-        rss = _rss()
+        out = {os.getpid(): ("driver", _rss())}
         if self.raylet is None:
-            return rss
+            return out
         try:
             workers = psutil.Process(self.raylet).children(recursive=True)
         except psutil.Error:
-            return rss
+            return out
         for proc in workers:
             try:
-                if proc.name().startswith("ray::") and "Agent" not in proc.name():
-                    rss += proc.memory_info().rss
+                name = proc.name()
+                if name.startswith("ray::") and "Agent" not in name:
+                    out[proc.pid] = (name, proc.memory_info().rss)
             except psutil.Error:
                 continue
-        return rss
+        return out
+
+    def total(self) -> int:
+        return sum(rss for _, rss in self.sizes().values())
+
+    def _sample(self) -> None:
+        sizes = self.sizes()
+        self.peak = max(self.peak, sum(rss for _, rss in sizes.values()))
+        for pid, (_, rss) in sizes.items():
+            self._high[pid] = max(self._high.get(pid, 0), rss)
+
+    @property
+    def added(self) -> int:
+        grown = 0
+        for pid, high in self._high.items():
+            start = self._first.get(pid, self._idle or 0)
+            grown += max(0, high - start)
+        return grown
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        import statistics
+
+        sizes = self.sizes()
+        self._first = {pid: rss for pid, (_, rss) in sizes.items()}
+        idle = [rss for name, rss in sizes.values() if name == "ray::IDLE"]
+        if self._idle is None and idle:
+            self._idle = int(statistics.median(idle))
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.total())
+        self._sample()
 
 
 def _raylet_pid() -> int | None:
