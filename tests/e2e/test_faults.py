@@ -27,12 +27,13 @@ import torch
 from conftest import DEBUG_OVERRIDES, debug_job, read_lines
 
 from ptm_dist import checkpoint as ck
+from ptm_dist.data.idlog import read_sequence_log
 from ptm_dist.errors import WorkerFailedError, user_message
 from ptm_dist.train.pretrain import pretrain
 
 TESTS = Path(__file__).parent  # this file's directory; tests/ (conftest) is its parent
 LONG = ["train.max_steps=40", "train.ckpt_every=10", "train.eval_every=20", "train.keep_ckpts=5",
-        "zero.stage=2", "tracking.wandb=disabled"]
+        "zero.stage=2", "tracking.wandb=disabled", "data.log_sequence_ids=true"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -203,14 +204,24 @@ def _descendants_session(sid: int) -> list[int]:
 
 
 def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_path, cache_dir):
-    """`ptm pretrain` (its own local Ray) is SIGKILLed with its whole process group while its
-    workers are at step 25; the same command again resumes from step 20 and ends with the
-    uninterrupted run's losses, weights, optimizer state and data positions (every sequence
-    consumed exactly once). The wandb run id is not checked here (tracking tests do that)."""
-    _, ref_losses, ref_final = reference
-    sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=drv"]
+    """`ptm pretrain` (its own local Ray, wandb offline) is SIGKILLed with its whole process group
+    while its workers are at step 25; the same command again resumes from step 20 and ends with
+    the uninterrupted run's losses, weights, optimizer state and data positions, trains on the
+    same sequences at every step (data.log_sequence_ids, ids compared with ==: every sequence
+    consumed exactly once across the kill), and continues the killed run's wandb run."""
+    ref_dir, ref_losses, ref_final = reference
+    sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=drv", "tracking.wandb=offline"]
     cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[a for s in sets for a in ("--set", s)]]
+    # An in-process wandb run leaves its service's address in WANDB_SERVICE, which every child
+    # inherits (here: the ptm driver, its Ray and the workers). The workers must not use that
+    # longer-lived service: a killed worker's run would stay registered there and the re-run
+    # could not continue the same wandb run ('run ID ... is in use').
+    import wandb
+
+    wandb.init(mode="offline", dir=str(tmp_path), project="probe").finish()
+    assert os.environ.get("WANDB_SERVICE")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PTM_FAULT", "PTM_FAULT_ONCE")}
+    env["PTM_PROGRESS"] = "plain"
     run_dir = tmp_path / "drv"
     proc = subprocess.Popen(cmd, env={**env, "PTM_FAULT": "train.step@25:hang"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,6 +242,8 @@ def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_pat
         for pid in _descendants_session(proc.pid):  # Ray processes the driver started
             os.kill(pid, signal.SIGKILL)
     steps_before = max(m["step"] for m in read_lines(run_dir) if "loss" in m)
+    logged_before = max(ln["step"] for ln in read_sequence_log(str(run_dir))[0])
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir}"
@@ -239,11 +252,25 @@ def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_pat
     final = checkpoint_tensors(f"{run_dir}/checkpoint_00000040")
     data_equal = all(torch.equal(final[k], ref_final[k]) for k in final if k.endswith("/data"))
     diff = max_diff(final, ref_final)
-    print(f"driver kill at step {steps_before + 1}: resumed from {resumed}, lost {steps_before - resumed[0]} steps; "
-          f"steps 21-40 equal losses: {sum(got[s] == ref_losses[s] for s in range(21, 41))}/20; "
-          f"data positions equal: {data_equal}; max |w diff| = {diff}")
-    assert resumed == [20] and data_equal and diff == 0.0
+    seqs, ref_seqs = read_sequence_log(str(run_dir)), read_sequence_log(str(ref_dir))
+    n_ids = sum(len(ln["seqs"]) for lines in seqs.values() for ln in lines)
+    print(f"driver kill at step {steps_before + 1} (ids logged to step {logged_before}): resumed from {resumed}, "
+          f"lost {steps_before - resumed[0]} steps; steps 21-40 equal losses: "
+          f"{sum(got[s] == ref_losses[s] for s in range(21, 41))}/20; data positions equal: {data_equal}; "
+          f"max |w diff| = {diff}; {n_ids} sequence ids over {len(seqs)} ranks")
+    assert resumed == [20] and logged_before > 20 and data_equal and diff == 0.0
     assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
+    # The sequences each rank trained on at each step: the steps the kill lost are logged once,
+    # by the re-run, with the ids of the uninterrupted run.
+    for rank, lines in seqs.items():
+        assert [ln["step"] for ln in lines] == list(range(1, 41)), f"rank {rank}: steps missing or repeated"
+    assert seqs == ref_seqs and len(seqs) == 2
+    all_ids = [tuple(x) for lines in seqs.values() for ln in lines for x in ln["seqs"]]
+    assert len(all_ids) == len(set(all_ids)) == 40 * 2 * 4  # no sequence twice (epoch, id) in 40 steps
+    # The re-run continues the killed run's wandb run: one id, in every offline run directory.
+    assert (run_dir / "wandb_run_id").read_text().strip() == wandb_id
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) >= 2 and all(name.endswith(f"-{wandb_id}") for name in offline), offline
 
 
 # ---------------------------------------------------------------- 5. non-finite steps and spikes
