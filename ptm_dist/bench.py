@@ -367,10 +367,11 @@ class PeakMemory:
 
     ``peak`` is the largest sum seen. ``added`` is what the work inside the block added: this
     process's growth and each worker's growth over its size at the start; a worker that Ray starts
-    during the block counts from the size of an idle worker at the start (the median, or
-    ``idle_rss``). Ray ends a worker whose task was cancelled (a stream closed early) and starts
-    another for the next task, or reuses an idle one: the footprint of a fresh worker (about
-    210 MB with the tokenizer imported) is not the work's and would swing a sum by that much."""
+    during the block, or one idle at the start but smaller, counts from the size of an idle worker
+    (the median at the start, or ``idle_rss``). Ray ends a worker whose task was cancelled (a
+    stream closed early) and starts another for the next task, or reuses an idle one: the
+    footprint of a fresh worker (about 210 MB with the tokenizer imported) is not the work's and
+    would swing a sum by that much."""
 
     def __init__(self, interval: float = 0.05, idle_rss: int | None = None):
         import threading
@@ -382,6 +383,7 @@ class PeakMemory:
         self._first: dict[int, int] = {}
         self._high: dict[int, int] = {}
         self._idle = idle_rss  # else the median idle worker at the start
+        self._idle_at_start: set[int] = set()
 
     def sizes(self) -> dict[int, tuple[str, int]]:
         """{pid: (name, rss)} of this process and the task workers."""
@@ -417,6 +419,8 @@ class PeakMemory:
         grown = 0
         for pid, high in self._high.items():
             start = self._first.get(pid, self._idle or 0)
+            if pid in self._idle_at_start:  # not yet the size of a warm worker: its imports are not the work's
+                start = max(start, self._idle or 0)
             grown += max(0, high - start)
         return grown
 
@@ -430,6 +434,7 @@ class PeakMemory:
 
         sizes = self.sizes()
         self._first = {pid: rss for pid, (_, rss) in sizes.items()}
+        self._idle_at_start = {pid for pid, (name, _) in sizes.items() if name == "ray::IDLE"}
         idle = [rss for name, rss in sizes.values() if name == "ray::IDLE"]
         if self._idle is None and idle:
             self._idle = int(statistics.median(idle))
