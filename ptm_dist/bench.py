@@ -368,10 +368,10 @@ class PeakMemory:
     ``peak`` is the largest sum seen. ``added`` is what the work inside the block added: this
     process's growth and each worker's growth over its size at the start; a worker that Ray starts
     during the block, or one idle at the start but smaller, counts from the size of an idle worker
-    (the median at the start, or ``idle_rss``). Ray ends a worker whose task was cancelled (a
-    stream closed early) and starts another for the next task, or reuses an idle one: the
-    footprint of a fresh worker (about 210 MB with the tokenizer imported) is not the work's and
-    would swing a sum by that much."""
+    (the median at the start, or ``idle_rss``; in full when neither is known). Ray ends a worker
+    whose task was cancelled (a stream closed early) and starts another for the next task, or
+    reuses an idle one: the footprint of a fresh worker (about 210 MB with the tokenizer
+    imported) is not the work's and would swing a sum by that much."""
 
     def __init__(self, interval: float = 0.05, idle_rss: int | None = None):
         import threading
