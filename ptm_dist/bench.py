@@ -383,7 +383,6 @@ class PeakMemory:
         self._first: dict[int, int] = {}
         self._high: dict[int, int] = {}
         self._idle = idle_rss  # else the median idle worker at the start
-        self._idle_at_start: set[int] = set()
 
     def sizes(self) -> dict[int, tuple[str, int]]:
         """{pid: (name, rss)} of this process and the task workers."""
@@ -405,9 +404,6 @@ class PeakMemory:
                 continue
         return out
 
-    def total(self) -> int:
-        return sum(rss for _, rss in self.sizes().values())
-
     def _sample(self) -> None:
         sizes = self.sizes()
         self.peak = max(self.peak, sum(rss for _, rss in sizes.values()))
@@ -416,13 +412,7 @@ class PeakMemory:
 
     @property
     def added(self) -> int:
-        grown = 0
-        for pid, high in self._high.items():
-            start = self._first.get(pid, self._idle or 0)
-            if pid in self._idle_at_start:  # not yet the size of a warm worker: its imports are not the work's
-                start = max(start, self._idle or 0)
-            grown += max(0, high - start)
-        return grown
+        return sum(max(0, high - self._first.get(pid, self._idle or 0)) for pid, high in self._high.items())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -433,11 +423,12 @@ class PeakMemory:
         import statistics
 
         sizes = self.sizes()
-        self._first = {pid: rss for pid, (_, rss) in sizes.items()}
-        self._idle_at_start = {pid for pid, (name, _) in sizes.items() if name == "ray::IDLE"}
         idle = [rss for name, rss in sizes.values() if name == "ray::IDLE"]
         if self._idle is None and idle:
             self._idle = int(statistics.median(idle))
+        # an idle worker smaller than a warm one has yet to import what its task needs: not the work's
+        self._first = {pid: max(rss, self._idle or 0) if name == "ray::IDLE" else rss
+                       for pid, (name, rss) in sizes.items()}
         self._thread.start()
         return self
 
