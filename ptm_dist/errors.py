@@ -2,9 +2,9 @@
 
 Every error ptm raises on purpose derives from :class:`UserError`; its message is meant for the
 user as is (one line naming the file, field, shard, worker or checkpoint and what is allowed).
-The CLI prints :func:`user_message` of whatever stopped a command, and a Ray Train worker
-records it so that a restarted worker group stops with the same line instead of repeating the
-failure. Anything else is a bug and keeps its traceback.
+The CLI prints :func:`user_message` of whatever stopped a command, and Ray Train's failure
+policy (ptm_dist.launch) ends a run at the first such error instead of restarting its workers.
+Anything else is a bug and keeps its traceback.
 
 This module imports nothing from ptm_dist, and nothing from Ray: every layer can import it.
 """
@@ -53,10 +53,6 @@ class CheckpointWriteError(UserError, RuntimeError):
 
 class CheckpointFormatError(UserError, RuntimeError):
     """A checkpoint or run directory was written in a format this version cannot read."""
-
-
-class RunStopped(UserError, RuntimeError):
-    """A restarted worker group met the error that already stopped this run (not retried)."""
 
 
 class WorkerFailedError(UserError, RuntimeError):

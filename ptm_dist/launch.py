@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from ptm_dist import progress, runlogs
-from ptm_dist.errors import ConfigError
+from ptm_dist.errors import ConfigError, user_message
 
 # Environment for Ray workers. Ray Train's print patch would echo every progress line twice
 # (once through its logger, once to the captured stdout); the loops print plainly.
@@ -203,9 +203,9 @@ def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_
     """The one TorchTrainer factory: gloo on CPU, NCCL on GPU, the placement, the failure
     budget and where Ray Train writes (``<storage_path>/<name>``)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    return TorchTrainer(
+    return _trainer_class()(
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
@@ -219,6 +219,35 @@ def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+@functools.cache
+def _trainer_class():
+    """TorchTrainer whose failure policy ends the run at the first error that is the user's to
+    fix (ptm_dist.errors.user_message: bad data, a non-finite loss past its budget, full or
+    unwritable storage, a bad config met on a worker). Ray Train's own policy retries every
+    worker error up to max_failures, each retry a new worker group meeting the same error; dead
+    processes and nodes, and preemptions, are still decided by Ray's policy. Ray 2.60 has no
+    public hook for this: the policy is swapped where the trainer hands it to its controller."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+
+    class UserErrorsEndTheRun(FailurePolicy):
+        def __init__(self, inner: FailurePolicy):
+            super().__init__(inner.failure_config)
+            self.inner = inner
+
+        def make_decision(self, training_failed_error):
+            if user_message(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return self.inner.make_decision(training_failed_error)
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = UserErrorsEndTheRun(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
 
 
 def forget_ray_checkpoint_index(run_dir: str) -> None:

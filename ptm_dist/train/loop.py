@@ -28,10 +28,17 @@ from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.dist import gather_objects, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, ds_config, manual_clip, prepare
-from ptm_dist.errors import NonFiniteError, RunStopped, user_message
+from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
 from ptm_dist.train.spec import PretrainSpec
-from ptm_dist.train.step import Objective, PhaseTimer, SpikeDetector, eval_loss_sums, train_step
+from ptm_dist.train.step import (
+    Objective,
+    PhaseTimer,
+    SpikeDetector,
+    eval_batches,
+    eval_loss_sums,
+    train_step,
+)
 
 
 def objective_for(cfg: JobConfig, special: dict, vocab_size: int) -> Objective:
@@ -74,7 +81,9 @@ class Trainer:
         )
         self.probe = torch.as_tensor(val[:1], dtype=torch.long, device=device)
         self.val = torch.as_tensor(val[rank::world], dtype=torch.long, device=device)
+        self.n_eval_batches = eval_batches(len(val), world, cfg.train.micro_batch)
         self.step = 0
+        self.lr = 0.0  # learning rate of the last step
         self.tokens_seen = 0
         self.nodes: list[str] = []  # Ray node id of each rank (recorded in checkpoints)
         self.seq_log = None  # data.log_sequence_ids: opened by train_loop once restored
@@ -169,6 +178,7 @@ class Trainer:
         step = self.step + 1
         faults.fault_point("train.step", step, self.rank)
         poison = (lambda loss: faults.poison_loss(loss, step, self.rank)) if "PTM_FAULT" in os.environ else None
+        self.lr = float(self.engine.get_lr()[0])  # this step's: the schedule moves on inside the step
         loss, norm = train_step(self.engine, mbs, self.obj, self.generator(), self.clip, timer, poison)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -206,9 +216,12 @@ class Trainer:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def evaluate(self) -> float:
+        """Token-weighted mean loss over all held-out tokens; every rank runs the same number of
+        forward passes (see eval_loss_sums)."""
         module = self.engine.module
         module.eval()
-        sums = eval_loss_sums(self.engine, self.val, self.cfg.train.micro_batch, self.obj, self.cfg.run.seed)
+        sums = eval_loss_sums(self.engine, self.val, self.cfg.train.micro_batch, self.obj, self.cfg.run.seed,
+                              n_batches=self.n_eval_batches, filler=self.probe)
         module.train()
         if dist.is_initialized():
             dist.all_reduce(sums)
@@ -243,17 +256,12 @@ class Trainer:
                 print(f"[ptm] warning: {warning}", flush=True)
         return sum(values) / len(values)
 
-# Written in the run directory when a worker stops on an error that is the user's to fix.
-FATAL_ERROR = "fatal_error.txt"
-
-
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker).
 
-    Ray Train restarts the workers after any failure (train.max_failures). Errors that are the
-    user's to fix (bad data, a non-finite loss past its budget, unwritable storage) would only
-    repeat, so they are recorded in the run directory and a restarted group stops at once with
-    the same message; ``ptm pretrain`` clears the record when it starts.
+    Ray Train restarts the workers after a dead process or node (train.max_failures); an error
+    that is the user's to fix (bad data, a non-finite loss past its budget, unwritable storage)
+    would only repeat, so it ends the run at once (ptm_dist.launch's failure policy).
     """
     import ray.train
 
@@ -262,16 +270,7 @@ def train_loop(config: dict) -> None:
     spec: PretrainSpec = config["spec"]
     faults.install(spec.faults)
     forget_inherited_wandb_service()
-    fatal = storage.join(spec.run_dir, FATAL_ERROR)
-    if storage.exists(fatal):
-        raise RunStopped(storage.read_text(fatal).strip())
-    try:
-        _train_loop(spec)
-    except Exception as e:
-        message = user_message(e)
-        if message is not None:
-            storage.write_text(fatal, message + "\n")
-        raise
+    _train_loop(spec)
 
 
 def _train_loop(spec: PretrainSpec) -> None:
@@ -348,7 +347,7 @@ def _train_loop(spec: PretrainSpec) -> None:
             record = {
                 "step": tr.step,
                 "loss": tr.window_loss(window),
-                "lr": float(tr.engine.get_lr()[0]),
+                "lr": tr.lr,
                 "grad_norm": float(norm) if norm is not None else None,
                 "tokens_per_s": tps,
                 "data_wait_frac": wait / elapsed,

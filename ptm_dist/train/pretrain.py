@@ -26,16 +26,6 @@ from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
 from ptm_dist.tracking import read_metrics
 
 
-def clear_fatal_error(run_dir: str) -> None:
-    """A new command is a new attempt: forget the error that stopped the previous one."""
-    from ptm_dist.train.loop import FATAL_ERROR
-
-    path = storage.join(run_dir, FATAL_ERROR)
-    if storage.exists(path):
-        fs, p = storage.resolve(path)
-        fs.delete_file(p)
-
-
 def pretrain(cfg: JobConfig) -> str:
     """Run the job; returns the run directory."""
     cfg, run_dir = storage.resolve_run_dir(cfg)
@@ -68,7 +58,6 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> 
         launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
         storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
         launch.forget_ray_checkpoint_index(run_dir)
-        clear_fatal_error(run_dir)
         resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
         if tracking.resolve_mode(cfg.tracking.wandb) != "disabled":
             # Stored before training so that a resumed job (even after a killed driver) continues

@@ -180,15 +180,39 @@ def drop_nonfinite_update(engine, norm: torch.Tensor) -> None:
         optimizer.overflow = bad
 
 
+def eval_batches(n_sequences: int, world: int, micro_batch: int) -> int:
+    """Forward passes each rank makes to evaluate ``n_sequences`` held-out sequences split
+    ``[rank::world]``: the count of the rank with the most, so that every rank makes the same
+    number (ZeRO-3 forwards are collective: a rank that stops early leaves the others waiting)."""
+    return math.ceil(math.ceil(n_sequences / world) / micro_batch)
+
+
 @torch.no_grad()
-def eval_loss_sums(model, sequences: torch.Tensor, micro_batch: int, obj: Objective, seed: int) -> torch.Tensor:
-    """[sum of per-batch mean losses, number of batches] over ``sequences``; masking is seeded
-    so that every evaluation of the same model gives the same number."""
+def eval_loss_sums(model, sequences: torch.Tensor, micro_batch: int, obj: Objective, seed: int,
+                   n_batches: int | None = None, filler: torch.Tensor | None = None) -> torch.Tensor:
+    """[summed token loss, number of tokens scored] over ``sequences``: summed over ranks and
+    divided, the token-weighted mean loss over every held-out token, whichever way the sequences
+    fall into ranks and batches. Masking is seeded so that every evaluation of the same model
+    gives the same number.
+
+    With ``n_batches`` the model runs exactly that many forward passes: past the end of
+    ``sequences`` it runs ``filler`` (one sequence) and counts nothing."""
     gen = torch.Generator(device=sequences.device).manual_seed(seed) if not obj.causal else None
-    out = torch.zeros(2, device=sequences.device)
-    for i in range(0, len(sequences), micro_batch):
-        out[0] += loss_on(model, sequences[i : i + micro_batch], obj, gen).float()
-        out[1] += 1
+    out = torch.zeros(2, dtype=torch.float64, device=sequences.device)
+    n = math.ceil(len(sequences) / micro_batch) if n_batches is None else n_batches
+    for b in range(n):
+        ids = sequences[b * micro_batch : (b + 1) * micro_batch]
+        if len(ids) == 0:
+            loss_on(model, filler, obj, gen)
+            continue
+        if obj.causal:
+            loss, count = loss_on(model, ids, obj, gen), ids[:, 1:].numel()
+        else:
+            masked, labels = mask_tokens(ids, obj, gen)
+            loss, count = model(input_ids=masked, labels=labels).loss, int((labels != -100).sum())
+        if count:  # an MLM batch with nothing masked has a NaN mean loss and adds nothing
+            out[0] += loss.double() * count
+            out[1] += count
     return out
 
 

@@ -283,7 +283,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_past_the_budget(tm
     run. Re-running resumes from step 20 with the count (2) restored from the checkpoint."""
     sets = ["train.max_steps=24", "train.ckpt_every=10", "train.eval_every=24", "train.keep_ckpts=5",
             "train.skip_nonfinite=2", "train.spike_patience=3", "tracking.wandb=disabled", "run.name=nf",
-            "train.max_failures=1"]  # the restart Ray Train makes stops at once (not retried)
+            "train.max_failures=1"]  # a user error is not retried: no restart is made
     cfg = debug_job(tmp_path, *sets)
     monkeypatch.setenv("PTM_FAULT", "train.loss@4#1:nan,train.loss@9#0:gradnan,train.loss@14-17:spike,"
                                     "train.loss@21:inf")
@@ -294,6 +294,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_past_the_budget(tm
     line = user_message(err.value)
     print("non-finite past the budget:", line)
     assert line.startswith("step 21: non-finite loss or gradients") and "exceed train.skip_nonfinite=2" in line
+    # Not retried: a restarted worker group would have resumed from step 20 (and said so in
+    # metrics.jsonl) before failing again.
+    assert not [m for m in read_lines(tmp_path / "nf") if "resumed_from" in m]
     lines = {m["step"]: m for m in read_lines(tmp_path / "nf") if "loss" in m}
     counts = {s: lines[s]["nonfinite_skipped"] for s in (3, 4, 8, 9, 20)}
     spikes = {s: lines[s]["loss_spikes"] for s in (15, 16, 20)}

@@ -19,7 +19,7 @@ import torch
 from conftest import debug_job, read_lines
 
 from ptm_dist import models
-from ptm_dist.data.pipeline import SequenceStream
+from ptm_dist.data.pipeline import SequenceStream, take_sequences
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import ConfigError
 from ptm_dist.train.pretrain import pretrain
@@ -87,13 +87,35 @@ def _train_losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_lines(run_dir) if "loss" in m]
 
 
-@pytest.mark.parametrize("stage,grad_accum", [(0, 1), (1, 2), (2, 1), (3, 1)])
-def test_zero_stages_match_plain_pytorch(stage, grad_accum, tmp_path, zero2_run, ray_session):
+def reference_eval_loss(cfg) -> float:
+    """Token-weighted next-token loss of the initial model over the job's held-out sequences,
+    in one process with plain transformers and its own cross-entropy."""
+    wd = prepare_data(cfg).for_workers()
+    hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
+                          models.SpecialTokens(**wd.special))
+    model = models.build(hf, seed=cfg.run.seed).eval()
+    _, val = take_sequences(list(wd.val_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
+                            cfg.train.eval_sequences)
+    ids = torch.as_tensor(val, dtype=torch.long)
+    assert len(ids) == cfg.train.eval_sequences
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                             ids[:, 1:].reshape(-1), reduction="sum").item() / ids[:, 1:].numel()
+
+
+# ZeRO-3 evaluates 33 held-out sequences on 2 workers: 17 and 16, in 5 and 4 micro batches of 4,
+# so the second rank must make a fifth forward pass that counts nothing (ZeRO-3 forwards are
+# collective; without it the run hangs at its first evaluation).
+@pytest.mark.parametrize("stage,grad_accum,extra", [(0, 1, ()), (1, 2, ()), (2, 1, ()),
+                                                    (3, 1, ("train.eval_sequences=33",))])
+def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zero2_run, ray_session):
     if stage == 2:
         cfg, run_dir = zero2_run
     else:
-        cfg = debug_job(tmp_path, "run.name=z", f"zero.stage={stage}", f"train.grad_accum={grad_accum}")
+        cfg = debug_job(tmp_path, "run.name=z", f"zero.stage={stage}", f"train.grad_accum={grad_accum}", *extra)
         run_dir = pretrain(cfg)
+    lines = read_lines(run_dir)
     got = _train_losses(run_dir)
     want = reference_losses(cfg, cfg.scaling.num_workers)
     assert len(got) == cfg.train.max_steps >= 10
@@ -101,6 +123,14 @@ def test_zero_stages_match_plain_pytorch(stage, grad_accum, tmp_path, zero2_run,
     print(f"ZeRO-{stage} grad_accum={grad_accum}: max relative loss difference {max(rel):.2e}")
     assert max(rel) < 1e-4, list(zip(got, want))
     assert got[-1] < got[0]  # and it learns
+    # The logged lr is the one step s trained with (optimizer step s - 1, 0-based).
+    lrs = [(m["lr"], reference_lr(m["step"] - 1, cfg)) for m in lines if "loss" in m]
+    assert all(abs(g - w) <= 1e-12 * w for g, w in lrs), lrs
+    # The step-0 eval loss is the token-weighted mean over every held-out token.
+    first_eval = next(m["eval_loss"] for m in lines if "eval_loss" in m)
+    ref = reference_eval_loss(cfg)
+    print(f"ZeRO-{stage}: step-0 eval loss {first_eval:.7f}, one-process token-weighted {ref:.7f}")
+    assert abs(first_eval - ref) / ref < 1e-5
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(zero2_run, tmp_path, ray_session):
@@ -210,7 +240,8 @@ def test_worker_step_runs_in_one_plain_process_without_ray(tmp_path):
 
 def test_a_bad_shard_met_in_training_stops_the_run_with_a_one_line_error(tmp_path, cache_dir):
     """A corrupt line in a shard read by a worker's Ray Data task: the CLI's last line names
-    the shard and line (no traceback), and the exit code is 2."""
+    the shard and line (no traceback), and the exit code is 2. It is the user's to fix, so the
+    run ends at once: one worker group started, although train.max_failures (3) allows restarts."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("a", "b", "c"):
@@ -229,6 +260,10 @@ def test_a_bad_shard_met_in_training_stops_the_run_with_a_one_line_error(tmp_pat
     assert proc.stderr.strip().splitlines()[-1] == (
         f"ptm pretrain: error: {corpus}/b.jsonl: line 151: not valid JSON (Expecting value) "
         "(bad shard 1, over data.max_bad_shards=0)")
+    # Each worker process that starts writes a header into worker<rank>.log (Ray's forwarded
+    # output is flushed when the CLI shuts its Ray down).
+    (log,) = tmp_path.glob("*/logs/worker0.log")
+    assert log.read_text().count("--- rank 0:") == 1
 
 
 def test_a_bad_shard_within_the_budget_is_skipped_and_counted(tmp_path, ray_session):

@@ -12,7 +12,7 @@ import torch
 
 from ptm_dist import models
 from ptm_dist.engine import OptimSpec, build_optimizer, build_scheduler
-from ptm_dist.train.step import Objective, PlainEngine, SpikeDetector, train_step
+from ptm_dist.train.step import Objective, PlainEngine, SpikeDetector, eval_batches, eval_loss_sums, train_step
 
 VOCAB, SEQ, MICRO, ACCUM = 64, 16, 4, 2
 OPTIM = OptimSpec(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=10, weight_decay=0.1, grad_clip=0.05,
@@ -111,3 +111,33 @@ def test_spike_detector():
     print("spike warnings at steps", fired, "-", next(w for w in warnings if w))
     assert fired == [9] and d.count == 1 and d.mean < 5  # the spike never entered the running mean
     assert SpikeDetector(0.0, 1).update(1, 1e9) is None
+
+
+def test_eval_sums_are_token_weighted_and_every_rank_makes_the_same_forward_passes():
+    """7 sequences on 3 "ranks" ([rank::3]: 3, 2, 2) in micro batches of 2: each rank makes
+    eval_batches = 2 forward passes (counted by a wrapper), the padding pass counts nothing, and
+    the summed sums give the loss over all 7 * (SEQ - 1) predicted tokens, computed here at once
+    with the model's logits and F.cross_entropy."""
+    model = debug_model().eval()
+    seqs = torch.randint(0, VOCAB, (7, SEQ), generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def counted(**kw):
+        calls.append(len(kw["input_ids"]))
+        return model(**kw)
+
+    n = eval_batches(len(seqs), 3, 2)
+    total = torch.zeros(2, dtype=torch.float64)
+    per_rank = []
+    for rank in range(3):
+        calls.clear()
+        total += eval_loss_sums(counted, seqs[rank::3], 2, Objective(causal=True), seed=0,
+                                n_batches=n, filler=seqs[:1])
+        per_rank.append(list(calls))
+    assert n == 2 and per_rank == [[2, 1], [2, 1], [2, 1]]  # rank 0: 2+1 sequences; 1, 2: 2 + a filler
+    with torch.no_grad():
+        logits = model(input_ids=seqs).logits.double()
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
+    assert int(total[1]) == 7 * (SEQ - 1)
+    assert abs(float(total[0] / total[1]) - float(want)) < 1e-6 * float(want)
+    assert eval_batches(33, 2, 4) == 5 and eval_batches(1, 4, 4) == 1  # a rank with none still runs one
