@@ -167,6 +167,50 @@ def check_same_run(run_dir: str, job: dict) -> None:
         )
 
 
+# Keys of the learning-rate schedule: the schedule is a function of them and the step, so
+# changing one on resume makes the learning rate jump at the resumed step.
+SCHEDULE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
+
+
+def check_resume(ckpt_dir: str, job: dict, data_identity: dict, allow_data_change: bool) -> bool:
+    """Refuse to resume ``ckpt_dir`` with a changed schedule (SCHEDULE keys) or, unless
+    ``allow_data_change``, a changed tokenizer or training shard list (``data_identity``:
+    WorkerData.identity, against the one in its COMPLETE marker; markers written before it was
+    recorded are not checked). Returns whether the data changed (and was allowed to)."""
+    import yaml
+
+    old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
+    changed = [k for k in SCHEDULE if _get(old_job, k) != _get(job, k)]
+    if changed:
+        details = "; ".join(f"{k}: {_get(old_job, k)!r} -> {_get(job, k)!r}" for k in changed)
+        raise ConfigError(
+            f"{ckpt_dir} was trained with a different learning-rate schedule ({details}): resuming "
+            "would make the cosine schedule jump at the resumed step; keep the checkpoint's values, "
+            "or start a new run (--set run.resume=false)")
+    old = read_meta(ckpt_dir).get("data")
+    if not old:
+        return False
+    if old.get("vocab_size", data_identity["vocab_size"]) != data_identity["vocab_size"]:
+        raise ConfigError(
+            f"{ckpt_dir} was trained with a tokenizer of {old['vocab_size']} tokens, this job's has "
+            f"{data_identity['vocab_size']}: the weights cannot continue with it (run.allow_data_change "
+            "keeps the model's shape); start a new run (--set run.resume=false)")
+    what = []
+    if old["tokenizer_sha256"] != data_identity["tokenizer_sha256"]:
+        what.append(f"the tokenizer (sha256 {old['tokenizer_sha256'][:12]} -> "
+                    f"{data_identity['tokenizer_sha256'][:12]}: token ids would mean other tokens)")
+    if old["shards_sha256"] != data_identity["shards_sha256"]:
+        what.append(f"the training shard list ({old['shards']} shards, sha256 {old['shards_sha256'][:12]} -> "
+                    f"{data_identity['shards']} shards, {data_identity['shards_sha256'][:12]}: the saved "
+                    "data position indexes the old list)")
+    if what and not allow_data_change:
+        raise ConfigError(
+            f"{ckpt_dir} was trained on other data: {' and '.join(what)}; restore the data it was "
+            "trained on, start a new run (--set run.resume=false), or --set run.allow_data_change=true "
+            "to continue its weights on the new data from the start of the new shard list")
+    return bool(what)
+
+
 def apply_retention(run_dir: str, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest complete checkpoints, and partial ones older than the
     newest complete one. The newest complete checkpoint is never deleted. Returns what went."""

@@ -40,6 +40,12 @@ class RunSection(_Section):
         "false: never reuse it; a run directory that already holds a run gets a fresh "
         "directory <name>-2, <name>-3, ...",
     )
+    allow_data_change: bool = Field(
+        False,
+        description="Resume even though the tokenizer or the training shard list differs from the "
+        "checkpoint's (both are recorded in it): the weights and optimizer continue, the data "
+        "stream starts at the beginning of the new shard list. false: such a resume is refused.",
+    )
 
     @field_validator("name")
     @classmethod

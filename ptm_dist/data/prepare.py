@@ -6,6 +6,9 @@ tokenizer are built once and cached under ``data.cache_dir``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +32,18 @@ class WorkerData:
     tokenizer_files: dict[str, str]  # file name -> text, written into every checkpoint
     special: dict[str, int]  # eos, pad, mask, ... token ids
     vocab_size: int
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        """What a checkpoint's data position and token ids mean: hashes of the tokenizer and of
+        the training shard list with its pieces (recorded in every checkpoint's COMPLETE marker;
+        a resume with other values is refused unless run.allow_data_change)."""
+        shards = [[s.uri, s.format, s.text_column, s.weight] for s in self.train_shards]
+        pieces = [[p.shard, p.index, p.start, p.stop, p.uri] for p in self.train_pieces]
+        listing = json.dumps({"shards": shards, "pieces": pieces}, sort_keys=True)
+        return {"tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(), "shards": len(shards),
+                "vocab_size": self.vocab_size}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ptm_dist.checkpoint import RankState
 from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
-from ptm_dist.dist import gather_objects, mean_over_ranks, rng_state, set_rng_state
+from ptm_dist.dist import broadcast_object, gather_objects, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, ds_config, manual_clip, prepare
 from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
@@ -102,6 +102,10 @@ class Trainer:
                 f"{ckpt_dir} was written by {meta['world_size']} workers but this run has "
                 f"{self.world}; resume with scaling.num_workers={meta['world_size']}"
             )
+        # The driver refused other data unless allowed (checkpoint.check_resume); this also
+        # covers runs started without it (the local runner).
+        data_changed = ckpt_lib.check_resume(ckpt_dir, self.cfg.to_dict(), self.spec.data.identity,
+                                             self.cfg.run.allow_data_change)
         local, is_tmp = storage.local_copy(ckpt_dir)
         try:
             path, _ = self.engine.load_checkpoint(
@@ -116,7 +120,8 @@ class Trainer:
         self.nonfinite_skipped = state.nonfinite_skipped
         if state.spikes is not None:
             self.spikes.load_state_dict(state.spikes)
-        self.stream.load_state_dict(state.data)
+        if not data_changed:  # else the new shard list from its start (run.allow_data_change)
+            self.stream.load_state_dict(state.data)
         set_rng_state(state.rng)
 
     def save_local(self, out: Path) -> None:
@@ -286,7 +291,7 @@ def _train_loop(spec: PretrainSpec) -> None:
     tr = Trainer(spec, rank, world, device)
     cfg = tr.cfg
     tr.nodes = gather_objects(ray.get_runtime_context().get_node_id())
-    resume = ckpt_lib.latest_complete_checkpoint(tr.run_dir)
+    resume = agreed_resume_checkpoint(tr.run_dir, rank)
     if resume:
         tr.restore(resume)
         if rank == 0:
@@ -388,6 +393,13 @@ def _train_loop(spec: PretrainSpec) -> None:
         tr.seq_log.close()
 
 
+def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
+    """The checkpoint every rank resumes from: rank 0 lists the run's checkpoints and the others
+    take its choice, since listings of the same storage can differ between nodes (NFS attribute
+    caches, an object store listed during an upload)."""
+    return broadcast_object(ckpt_lib.latest_complete_checkpoint(run_dir) if rank == 0 else None)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -430,7 +442,7 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
             ckpt_lib.mark_complete(target, {
                 "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
                 "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
-                "nodes": tr.nodes, "device": device_name(tr.device),
+                "nodes": tr.nodes, "device": device_name(tr.device), "data": tr.spec.data.identity,
             }, fault_step=step)
             faults.fault_point("save.after_marker", step, rank)
             print(f"[ptm] step {step} checkpoint {target}", flush=True)

@@ -36,6 +36,12 @@ def pretrain(cfg: JobConfig) -> str:
     # error in seconds. (A tokenizer still to train samples the shards in this process.)
     data = prepare_data(cfg)
     worker_data = data.for_workers(cache=run_dir)
+    newest = ckpt_lib.latest_complete_checkpoint(run_dir)
+    data_changed = newest is not None and ckpt_lib.check_resume(
+        newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
+    if data_changed:
+        progress.print_line(f"[ptm] warning: {newest} was trained on other data (run.allow_data_change): "
+                            "its weights continue on the new data, from the start of the new shard list")
     print(f"[ptm] data: {len(data.train)} training shards in {len(worker_data.train_pieces)} pieces, "
           f"{len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}", flush=True)

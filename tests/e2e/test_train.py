@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+import string
 import subprocess
 import sys
 import textwrap
@@ -161,6 +163,50 @@ def test_resume_false_starts_a_new_directory(zero2_run, ray_session):
     assert new_dir == run_dir + "-2"
     assert read_lines(run_dir) == before
     assert [m["step"] for m in read_lines(new_dir) if "loss" in m] == [1, 2]
+
+
+def _corpus(path: Path) -> Path:
+    """Three shards of random words: varied enough for a 512-token BPE vocabulary."""
+    rng = random.Random(7)
+    path.mkdir()
+    for name in ("a", "b", "c"):
+        (path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9)))
+                                         for _ in range(60))}) + "\n" for _ in range(150)))
+    return path
+
+
+def test_resume_with_a_changed_schedule_or_data_is_refused_unless_allowed(zero2_run, tmp_path, ray_session):
+    """The zero2 run's newest checkpoint (step 12) refuses a longer cosine schedule and another
+    corpus (new tokenizer, new shard list), each with a message naming what changed; with
+    run.allow_data_change its step-6 checkpoint continues on the new corpus from its start."""
+    cfg, run_dir = zero2_run
+    longer = cfg.model_copy(deep=True)
+    longer.train.max_steps = 20
+    with pytest.raises(ConfigError) as err:
+        pretrain(longer)
+    print("longer schedule:", err.value)
+    assert "train.max_steps: 12 -> 20" in str(err.value) and "run.resume=false" in str(err.value)
+    corpus = _corpus(tmp_path / "corpus")
+    other = debug_job(tmp_path, "run.name=a", f"run.storage={Path(run_dir).parent}", "zero.stage=2",
+                      "train.keep_ckpts=5", f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.34")
+    with pytest.raises(ConfigError) as err:
+        pretrain(other)
+    print("other data:", err.value)
+    assert "the tokenizer (sha256" in str(err.value) and "the training shard list (" in str(err.value)
+    assert "-> 2 shards" in str(err.value) and "run.allow_data_change=true" in str(err.value)
+    # Allowed: a copy of the run stopped at step 6 continues on the new corpus.
+    stopped = tmp_path / "runs" / "c"
+    stopped.mkdir(parents=True)
+    shutil.copy(f"{run_dir}/job.yaml", stopped / "job.yaml")
+    shutil.copytree(f"{run_dir}/checkpoint_00000006", stopped / "checkpoint_00000006")
+    allowed = other.model_copy(deep=True)
+    allowed.run.name, allowed.run.storage, allowed.run.allow_data_change = "c", str(tmp_path / "runs"), True
+    resumed = pretrain(allowed)
+    assert [m["step"] for m in read_lines(resumed) if "loss" in m] == list(range(7, 13))
+    position = torch.load(f"{resumed}/checkpoint_00000012/rank_0.pt", weights_only=False)["data"]
+    print("position after 6 steps on the new corpus:", position)
+    assert position["epoch"] == 0 and position["consumed"] == 6 * cfg.train.micro_batch
 
 
 def test_resuming_with_a_different_model_is_refused(zero2_run):

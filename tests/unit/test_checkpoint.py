@@ -183,3 +183,26 @@ def test_the_piece_size_is_part_of_the_identity_and_a_run_from_before_pieces_rea
     with pytest.raises(ConfigError, match=r"data.piece_bytes: 0 -> 33554432.*piece_bytes=0 resumes it"):
         ck.check_same_run(str(tmp_path), job)
     ck.check_same_run(str(tmp_path), load(None, ["data.piece_bytes=0"]).to_dict())
+
+
+def test_check_resume_refuses_a_new_schedule_and_other_data_unless_allowed(tmp_path):
+    job = load(None, ["train.max_steps=100"]).to_dict()
+    data = {"tokenizer_sha256": "a" * 64, "shards_sha256": "b" * 64, "shards": 3, "vocab_size": 512}
+    d = tmp_path / ck.checkpoint_name(50)
+    d.mkdir()
+    (d / "job.yaml").write_text(yaml.safe_dump(job))
+    ck.mark_complete(str(d), {"step": 50, "data": data})
+    assert ck.check_resume(str(d), job, data, allow_data_change=False) is False
+    with pytest.raises(ConfigError, match=r"train.max_steps: 100 -> 200"):
+        ck.check_resume(str(d), load(None, ["train.max_steps=200"]).to_dict(), data, False)
+    shards = {**data, "shards_sha256": "c" * 64, "shards": 4}
+    with pytest.raises(ConfigError, match=r"the training shard list \(3 shards, sha256 bbbbbbbbbbbb -> 4 shards"):
+        ck.check_resume(str(d), job, shards, False)
+    assert ck.check_resume(str(d), job, shards, allow_data_change=True) is True
+    tok = {**data, "tokenizer_sha256": "d" * 64}
+    with pytest.raises(ConfigError, match=r"other data: the tokenizer \(sha256 aaaaaaaaaaaa -> dddddddddddd"):
+        ck.check_resume(str(d), job, tok, False)
+    with pytest.raises(ConfigError, match="tokenizer of 512 tokens, this job's has 400"):
+        ck.check_resume(str(d), job, {**tok, "vocab_size": 400}, allow_data_change=True)
+    ck.mark_complete(str(d), {"step": 50})  # written before the data was recorded: not checked
+    assert ck.check_resume(str(d), job, tok, False) is False

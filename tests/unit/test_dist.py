@@ -1,0 +1,40 @@
+"""ptm_dist.dist and the rank agreement built on it, in a real 2-process gloo group (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ptm_dist import checkpoint as ck
+from ptm_dist.dist import free_port
+
+
+def _agree(rank: int, port: int, run_dirs: list[str], out: str) -> None:
+    from ptm_dist.train.loop import agreed_resume_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        chosen = agreed_resume_checkpoint(run_dirs[rank], rank)
+        with open(f"{out}/{rank}", "w") as f:
+            f.write(str(chosen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
+    """Rank 1's listing shows a newer complete checkpoint than rank 0's (a listing that differs
+    between nodes): both resume from rank 0's choice."""
+    run0, run1 = tmp_path / "seen_by_0", tmp_path / "seen_by_1"
+    for run, steps in ((run0, (10,)), (run1, (10, 20))):
+        for step in steps:
+            d = run / ck.checkpoint_name(step)
+            d.mkdir(parents=True)
+            ck.mark_complete(str(d), {"step": step})
+    assert ck.latest_complete_checkpoint(str(run1)).endswith("checkpoint_00000020")
+    mp.start_processes(_agree, args=(free_port(), [str(run0), str(run1)], str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    want = str(run0 / "checkpoint_00000010")
+    assert (tmp_path / "0").read_text() == want and (tmp_path / "1").read_text() == want
