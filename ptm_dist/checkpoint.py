@@ -167,27 +167,35 @@ def check_same_run(run_dir: str, job: dict) -> None:
         )
 
 
-# Keys of the learning-rate schedule: the schedule is a function of them and the step, so
-# changing one on resume makes the learning rate jump at the resumed step.
-SCHEDULE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
+# Keys of the learning-rate schedule other than its end: the schedule is a function of them and
+# the step, so changing one on resume would make the learning rate jump at the resumed step.
+SCHEDULE = ("train.lr", "train.min_lr", "train.warmup_steps")
 
 
 def check_resume(ckpt_dir: str, job: dict, data_identity: dict, allow_data_change: bool) -> bool:
-    """Refuse to resume ``ckpt_dir`` with a changed schedule (SCHEDULE keys) or, unless
-    ``allow_data_change``, a changed tokenizer or training shard list (``data_identity``:
+    """Refuse to resume ``ckpt_dir`` with a changed schedule (SCHEDULE keys; train.max_steps may
+    change, see ptm_dist.engine.LRSchedule.extend, but not to before the checkpoint's step) or,
+    unless ``allow_data_change``, a changed tokenizer or training shard list (``data_identity``:
     WorkerData.identity, against the one in its COMPLETE marker; markers written before it was
     recorded are not checked). Returns whether the data changed (and was allowed to)."""
     import yaml
 
     old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
+    meta = read_meta(ckpt_dir)
     changed = [k for k in SCHEDULE if _get(old_job, k) != _get(job, k)]
+    if "lr_schedule_end" not in meta and _get(old_job, "train.max_steps") != _get(job, "train.max_steps"):
+        changed.append("train.max_steps")  # written before checkpoints kept their schedule
     if changed:
         details = "; ".join(f"{k}: {_get(old_job, k)!r} -> {_get(job, k)!r}" for k in changed)
         raise ConfigError(
             f"{ckpt_dir} was trained with a different learning-rate schedule ({details}): resuming "
-            "would make the cosine schedule jump at the resumed step; keep the checkpoint's values, "
+            "would make the learning rate jump at the resumed step; keep the checkpoint's values, "
             "or start a new run (--set run.resume=false)")
-    old = read_meta(ckpt_dir).get("data")
+    if _get(job, "train.max_steps") < meta["step"]:
+        raise ConfigError(
+            f"{ckpt_dir} is at step {meta['step']}, beyond train.max_steps={_get(job, 'train.max_steps')}; "
+            "use its step or more, or start a new run (--set run.resume=false)")
+    old = meta.get("data")
     if not old:
         return False
     if old.get("vocab_size", data_identity["vocab_size"]) != data_identity["vocab_size"]:

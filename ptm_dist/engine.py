@@ -127,23 +127,63 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSpec, device: torch.devi
     )
 
 
-def lr_lambda(optim: OptimSpec):
+class LRSchedule:
+    """Multiplier on ``lr`` for optimizer step s (0-based): linear warmup, then half a cosine
+    down to ``min_lr`` at ``max_steps``, and ``min_lr`` after.
+
+    ``extend(at, end)`` changes the end of a run that has trained ``at`` steps without a jump:
+    from step max(at, warmup) on, half a cosine goes from the multiplier there down to the floor
+    at ``end``. (Raised during warmup, that is the plain schedule with the new end.) Extensions
+    chain. The object holds only numbers: LambdaLR saves a callable object's ``__dict__`` in its
+    state dict, so a checkpoint carries the schedule it trained with, extensions included.
+    """
+
+    def __init__(self, optim: OptimSpec):
+        self.floor = optim.min_lr / optim.lr
+        self.warmup, self.max_steps = optim.warmup_steps, optim.max_steps
+        self.extensions: list[list[int]] = []  # [at, end], in the order they were made
+
+    @property
+    def end(self) -> int:
+        """The step at which the schedule reaches min_lr."""
+        return self.extensions[-1][1] if self.extensions else self.max_steps
+
+    def extend(self, at: int, end: int) -> None:
+        if end <= at:
+            raise ValueError(f"a schedule extended at step {at} must end after it, not at {end}")
+        self.extensions.append([at, end])
+
+    def _cosine(self, step: int, start: int, end: int, top: float) -> float:
+        progress = min(1.0, (step - start) / max(1, end - start))
+        return self.floor + (top - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def value(self, step: int, n_extensions: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if n_extensions == 0:
+            return self._cosine(step, self.warmup, self.max_steps, 1.0)
+        at, end = self.extensions[n_extensions - 1]
+        start = max(at, self.warmup)
+        if step < start:
+            return self.value(step, n_extensions - 1)
+        return self._cosine(step, start, end, self.value(start, n_extensions - 1))
+
+    def __call__(self, step: int) -> float:
+        return self.value(step, len(self.extensions))
+
+
+def lr_lambda(optim: OptimSpec) -> LRSchedule:
     """Multiplier on ``lr`` for optimizer step s (0-based): warmup then cosine to min_lr."""
-    floor = optim.min_lr / optim.lr
-    warmup, total = optim.warmup_steps, optim.max_steps
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        span = max(1, total - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+    return LRSchedule(optim)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(optim))
+
+
+def lr_schedule(engine) -> LRSchedule:
+    """The LRSchedule inside a DeepSpeed engine built by ``prepare``."""
+    return engine.lr_scheduler.lr_lambdas[0]
 
 
 def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):

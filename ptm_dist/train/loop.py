@@ -27,7 +27,7 @@ from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.dist import broadcast_object, gather_objects, mean_over_ranks, rng_state, set_rng_state
-from ptm_dist.engine import EngineSpec, ds_config, manual_clip, prepare
+from ptm_dist.engine import EngineSpec, ds_config, lr_schedule, manual_clip, prepare
 from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
 from ptm_dist.train.spec import PretrainSpec
@@ -117,6 +117,9 @@ class Trainer:
         finally:
             storage.drop_local_copy(local, is_tmp)
         self.step, self.tokens_seen = state.step, state.tokens_seen
+        schedule = lr_schedule(self.engine)  # as the checkpoint saved it (extensions included)
+        if schedule.end != self.cfg.train.max_steps and self.cfg.train.max_steps > self.step:
+            schedule.extend(self.step, self.cfg.train.max_steps)  # train.max_steps changed: no jump
         self.nonfinite_skipped = state.nonfinite_skipped
         if state.spikes is not None:
             self.spikes.load_state_dict(state.spikes)
@@ -443,6 +446,7 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
                 "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
                 "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
                 "nodes": tr.nodes, "device": device_name(tr.device), "data": tr.spec.data.identity,
+                "lr_schedule_end": lr_schedule(tr.engine).end,
             }, fault_step=step)
             faults.fault_point("save.after_marker", step, rank)
             print(f"[ptm] step {step} checkpoint {target}", flush=True)

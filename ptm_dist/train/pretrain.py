@@ -39,6 +39,13 @@ def pretrain(cfg: JobConfig) -> str:
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
+    if newest is not None:
+        end = ckpt_lib.read_meta(newest).get("lr_schedule_end", cfg.train.max_steps)
+        if end != cfg.train.max_steps:
+            progress.print_line(
+                f"[ptm] train.max_steps {end} -> {cfg.train.max_steps}: from {newest} the learning rate "
+                f"continues from its value there and follows half a cosine to train.min_lr at step "
+                f"{cfg.train.max_steps}")
     if data_changed:
         progress.print_line(f"[ptm] warning: {newest} was trained on other data (run.allow_data_change): "
                             "its weights continue on the new data, from the start of the new shard list")

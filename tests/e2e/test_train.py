@@ -176,17 +176,20 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-def test_resume_with_a_changed_schedule_or_data_is_refused_unless_allowed(zero2_run, tmp_path, ray_session):
-    """The zero2 run's newest checkpoint (step 12) refuses a longer cosine schedule and another
-    corpus (new tokenizer, new shard list), each with a message naming what changed; with
-    run.allow_data_change its step-6 checkpoint continues on the new corpus from its start."""
+def test_resume_refuses_other_data_and_a_new_lr_but_extends_max_steps_without_a_jump(
+        zero2_run, tmp_path, ray_session):
+    """The zero2 run's newest checkpoint refuses another peak lr and another corpus (new
+    tokenizer, new shard list), each with a message naming what changed. Its step-6 checkpoint,
+    resumed with run.allow_data_change and train.max_steps raised from 12 to 18, continues on the
+    new corpus from its start, and its learning rate continues from the step-6 value of the old
+    schedule down a half cosine to min_lr at 18 (the formula written out here)."""
     cfg, run_dir = zero2_run
-    longer = cfg.model_copy(deep=True)
-    longer.train.max_steps = 20
+    hotter = cfg.model_copy(deep=True)
+    hotter.train.lr *= 2
     with pytest.raises(ConfigError) as err:
-        pretrain(longer)
-    print("longer schedule:", err.value)
-    assert "train.max_steps: 12 -> 20" in str(err.value) and "run.resume=false" in str(err.value)
+        pretrain(hotter)
+    print("another lr:", err.value)
+    assert f"train.lr: {cfg.train.lr!r} -> {hotter.train.lr!r}" in str(err.value)
     corpus = _corpus(tmp_path / "corpus")
     other = debug_job(tmp_path, "run.name=a", f"run.storage={Path(run_dir).parent}", "zero.stage=2",
                       "train.keep_ckpts=5", f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.34")
@@ -195,18 +198,27 @@ def test_resume_with_a_changed_schedule_or_data_is_refused_unless_allowed(zero2_
     print("other data:", err.value)
     assert "the tokenizer (sha256" in str(err.value) and "the training shard list (" in str(err.value)
     assert "-> 2 shards" in str(err.value) and "run.allow_data_change=true" in str(err.value)
-    # Allowed: a copy of the run stopped at step 6 continues on the new corpus.
+    # Allowed, and longer: a copy of the run stopped at step 6.
     stopped = tmp_path / "runs" / "c"
     stopped.mkdir(parents=True)
     shutil.copy(f"{run_dir}/job.yaml", stopped / "job.yaml")
     shutil.copytree(f"{run_dir}/checkpoint_00000006", stopped / "checkpoint_00000006")
     allowed = other.model_copy(deep=True)
     allowed.run.name, allowed.run.storage, allowed.run.allow_data_change = "c", str(tmp_path / "runs"), True
+    allowed.train.max_steps = 18
     resumed = pretrain(allowed)
-    assert [m["step"] for m in read_lines(resumed) if "loss" in m] == list(range(7, 13))
-    position = torch.load(f"{resumed}/checkpoint_00000012/rank_0.pt", weights_only=False)["data"]
-    print("position after 6 steps on the new corpus:", position)
-    assert position["epoch"] == 0 and position["consumed"] == 6 * cfg.train.micro_batch
+    lines = [m for m in read_lines(resumed) if "loss" in m]
+    assert [m["step"] for m in lines] == list(range(7, 19))
+    position = torch.load(f"{resumed}/checkpoint_00000018/rank_0.pt", weights_only=False)["data"]
+    print("position after 12 steps on the new corpus:", position)
+    assert position["epoch"] == 0 and position["consumed"] == 12 * cfg.train.micro_batch
+    t, at6 = cfg.train, reference_lr(6, cfg)
+    want = [t.min_lr + 0.5 * (at6 - t.min_lr) * (1 + math.cos(math.pi * (m["step"] - 1 - 6) / (18 - 6)))
+            for m in lines]
+    print("lr, steps 7-18:", [f"{m['lr']:.3e}" for m in lines])
+    assert [m["lr"] for m in lines] == pytest.approx(want, rel=1e-12)
+    full_step_7 = next(m for m in read_lines(run_dir) if m["step"] == 7 and "loss" in m)
+    assert lines[0]["lr"] == pytest.approx(full_step_7["lr"], rel=1e-12)  # where the old run went on
 
 
 def test_resuming_with_a_different_model_is_refused(zero2_run):

@@ -191,10 +191,15 @@ def test_check_resume_refuses_a_new_schedule_and_other_data_unless_allowed(tmp_p
     d = tmp_path / ck.checkpoint_name(50)
     d.mkdir()
     (d / "job.yaml").write_text(yaml.safe_dump(job))
-    ck.mark_complete(str(d), {"step": 50, "data": data})
+    ck.mark_complete(str(d), {"step": 50, "data": data, "lr_schedule_end": 100})
     assert ck.check_resume(str(d), job, data, allow_data_change=False) is False
-    with pytest.raises(ConfigError, match=r"train.max_steps: 100 -> 200"):
-        ck.check_resume(str(d), load(None, ["train.max_steps=200"]).to_dict(), data, False)
+    # The end may move (the saved schedule is extended), not to before the checkpoint's step,
+    # and no other schedule key may change.
+    assert ck.check_resume(str(d), load(None, ["train.max_steps=200"]).to_dict(), data, False) is False
+    with pytest.raises(ConfigError, match=r"is at step 50, beyond train.max_steps=40"):
+        ck.check_resume(str(d), load(None, ["train.max_steps=40"]).to_dict(), data, False)
+    with pytest.raises(ConfigError, match=r"schedule \(train.lr: 0.003 -> 0.001\)"):
+        ck.check_resume(str(d), load(None, ["train.max_steps=100", "train.lr=1e-3"]).to_dict(), data, False)
     shards = {**data, "shards_sha256": "c" * 64, "shards": 4}
     with pytest.raises(ConfigError, match=r"the training shard list \(3 shards, sha256 bbbbbbbbbbbb -> 4 shards"):
         ck.check_resume(str(d), job, shards, False)
@@ -204,5 +209,7 @@ def test_check_resume_refuses_a_new_schedule_and_other_data_unless_allowed(tmp_p
         ck.check_resume(str(d), job, tok, False)
     with pytest.raises(ConfigError, match="tokenizer of 512 tokens, this job's has 400"):
         ck.check_resume(str(d), job, {**tok, "vocab_size": 400}, allow_data_change=True)
-    ck.mark_complete(str(d), {"step": 50})  # written before the data was recorded: not checked
-    assert ck.check_resume(str(d), job, tok, False) is False
+    ck.mark_complete(str(d), {"step": 50})  # written before the data and schedule were recorded
+    assert ck.check_resume(str(d), job, tok, False) is False  # data not checked
+    with pytest.raises(ConfigError, match=r"train.max_steps: 100 -> 200"):  # its schedule is not saved
+        ck.check_resume(str(d), load(None, ["train.max_steps=200"]).to_dict(), data, False)

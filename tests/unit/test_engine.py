@@ -70,6 +70,44 @@ def test_lr_schedule_landmarks():
     assert o.lr * f(20) == pytest.approx(o.min_lr) and o.lr * f(1000) == pytest.approx(o.min_lr)
 
 
+def test_an_extended_schedule_continues_without_a_jump_and_survives_the_state_dict():
+    """A 20-step schedule (warmup 4) extended at step 10 to end at 40, then at 30 to end at 50:
+    from each extension on, half a cosine from the value there to min_lr at the new end
+    (written out here); the same steps before. The extensions travel in LambdaLR's state dict
+    into a scheduler built from the original spec, as a resume builds it."""
+    o = optim(4, 20)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, o, CPU)
+    sched = build_scheduler(opt, o)
+    f = lr_schedule_of(sched)
+    f.extend(10, 40)
+    f.extend(30, 50)
+
+    def half_cosine(step, start, end, top):
+        return o.min_lr + 0.5 * (top - o.min_lr) * (1 + math.cos(math.pi * min(1.0, (step - start) / (end - start))))
+
+    at10 = closed_form_lr(10, o)
+    at30 = half_cosine(30, 10, 40, at10)
+    want = [closed_form_lr(s, o) if s < 10 else half_cosine(s, 10, 40, at10) if s < 30 else half_cosine(s, 30, 50, at30)
+            for s in range(60)]
+    assert [o.lr * f(s) for s in range(60)] == pytest.approx(want, rel=1e-12)
+    # no jump: at each extension the lr is the one the schedule had reached there
+    assert o.lr * f(10) == pytest.approx(at10, rel=1e-12) and o.lr * f(30) == pytest.approx(at30, rel=1e-12)
+    assert f.end == 50 and o.lr * f(50) == pytest.approx(o.min_lr)
+    fresh = build_scheduler(build_optimizer(model, o, CPU), o)
+    fresh.load_state_dict(sched.state_dict())
+    assert [lr_schedule_of(fresh)(s) for s in range(60)] == [f(s) for s in range(60)]
+    # raised during warmup: the plain schedule with the new end
+    g = lr_schedule_of(build_scheduler(build_optimizer(model, o, CPU), o))
+    g.extend(2, 30)
+    assert [o.lr * g(s) for s in range(40)] == pytest.approx([closed_form_lr(s, optim(4, 30)) for s in range(40)],
+                                                         rel=1e-12)
+
+
+def lr_schedule_of(sched):
+    return sched.lr_lambdas[0]
+
+
 def test_ds_config_stage_0_fp32_clips_in_the_step():
     spec = EngineSpec(optim(2, 10, grad_accum=3), zero_stage=0, precision="fp32")
     conf = ds_config(spec, "fp32", on_gpu=False)
