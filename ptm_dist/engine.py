@@ -62,14 +62,31 @@ class EngineSpec:
                    t.activation_checkpointing, t.compile)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if device.type == "cpu" and precision == "fp16":
-            raise ConfigError("train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+def check_precision(precision: str, on_gpu: bool, zero_stage: int) -> None:
+    """What the driver can tell before workers start: fp16 needs a GPU, and bf16 needs ZeRO
+    stage 1 or more (DeepSpeed keeps fp32 gradient accumulation only under ZeRO: at stage 0 it
+    refuses bf16 with fp32 gradients, and would otherwise accumulate and reduce them in bf16)."""
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if precision == "bf16" and zero_stage == 0:
+        raise ConfigError("train.precision bf16 needs zero.stage 1, 2 or 3 (at stage 0 DeepSpeed has no fp32 "
+                          "gradient accumulation for bf16); use zero.stage=1 (same memory for weights and "
+                          "gradients as stage 0) or train.precision=fp32")
+
+
+def resolve_precision(precision: str, device: torch.device, zero_stage: int = 1) -> str:
+    """The precision a worker trains in: ``auto`` is bf16 on GPUs that have it, else fp16 on
+    GPU, fp32 on CPU (see check_precision for what is refused)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+        if precision == "bf16" and zero_stage == 0:
+            raise ConfigError("train.precision auto is bf16 on this GPU, which needs zero.stage 1, 2 or 3; "
+                              "use zero.stage=1 or set train.precision (fp16 or fp32) for stage 0")
+    check_precision(precision, device.type == "cuda", zero_stage)
+    return precision
 
 
 def ds_config(spec: EngineSpec, precision: str, on_gpu: bool) -> dict[str, Any]:
@@ -95,6 +112,11 @@ def ds_config(spec: EngineSpec, precision: str, on_gpu: bool) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if precision == "bf16":
+        # bf16 weights and activations; gradients accumulated and all-reduced in fp32 (DeepSpeed
+        # otherwise uses the model's dtype for both), fp32 master weights in the optimizer.
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+        conf["communication_data_type"] = "fp32"
     if spec.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's own CPU Adam; the param groups still carry the decay split.
         conf["optimizer"] = {
@@ -194,7 +216,7 @@ def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
 
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    precision = resolve_precision(spec.precision, device)
+    precision = resolve_precision(spec.precision, device, spec.zero_stage)
     conf = ds_config(spec, precision, device.type == "cuda")
     if spec.offload_optimizer:
         optimizer = None

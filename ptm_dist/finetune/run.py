@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ptm_dist import launch, runlogs, storage
 from ptm_dist.config import JobConfig
+from ptm_dist.engine import check_precision
 from ptm_dist.finetune.driver import prepare_task, require_local_storage, resolve_start
 from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read_epochs
 
@@ -36,6 +37,7 @@ def finetune(cfg: JobConfig) -> str:
         owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
         try:
             how = launch.Launch.from_scaling(cfg.scaling)
+            check_precision(cfg.train.precision, how.use_gpu, cfg.zero.stage)
             launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())

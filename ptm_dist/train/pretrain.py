@@ -62,12 +62,14 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> 
     import ray
     import ray.train
 
+    from ptm_dist.engine import check_precision
     from ptm_dist.train.loop import train_loop
     from ptm_dist.train.spec import PretrainSpec
 
     owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     try:
         how = launch.Launch.from_scaling(cfg.scaling)
+        check_precision(cfg.train.precision, how.use_gpu, cfg.zero.stage)
         launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
         storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
         launch.forget_ray_checkpoint_index(run_dir)

@@ -17,6 +17,7 @@ from ptm_dist.engine import (
     OptimSpec,
     build_optimizer,
     build_scheduler,
+    check_precision,
     ds_config,
     lr_lambda,
     manual_clip,
@@ -126,8 +127,10 @@ def test_ds_config_bf16_zero2_lets_deepspeed_clip():
         assert conf["gradient_clipping"] == 1.0 and manual_clip(spec, "bf16") == 0.0
         assert conf["zero_optimization"] == {"stage": 2, "overlap_comm": on_gpu, "contiguous_gradients": True,
                                              "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
-    # ZeRO-0 in bf16 also leaves clipping to DeepSpeed (manual clipping is the fp32 ZeRO-0 path only)
-    assert manual_clip(EngineSpec(optim(2, 10), zero_stage=0), "bf16") == 0.0
+        # gradients accumulated and all-reduced in fp32, not in the model's bf16
+        assert conf["data_types"] == {"grad_accum_dtype": "fp32"} and conf["communication_data_type"] == "fp32"
+    assert "data_types" not in ds_config(spec, "fp32", False) and "communication_data_type" not in ds_config(
+        spec, "fp16", True)
     assert ds_config(EngineSpec(optim(2, 10)), "fp16", True)["fp16"] == {"enabled": True, "initial_scale_power": 16}
 
 
@@ -186,3 +189,12 @@ def test_resolve_precision():
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("fp16", torch.device("cuda")) == "fp16"  # named explicitly: kept, not probed
+    # bf16 needs ZeRO >= 1 (DeepSpeed's stage 0 has no fp32 gradient accumulation for it)
+    with pytest.raises(ConfigError, match="train.precision bf16 needs zero.stage 1, 2 or 3"):
+        resolve_precision("bf16", CPU, zero_stage=0)
+    with pytest.raises(ConfigError, match="train.precision bf16 needs zero.stage"):
+        check_precision("bf16", on_gpu=True, zero_stage=0)
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_precision("fp16", on_gpu=False, zero_stage=2)
+    check_precision("bf16", on_gpu=False, zero_stage=1)
+    check_precision("auto", on_gpu=True, zero_stage=0)  # decided on the worker, which knows its GPU
