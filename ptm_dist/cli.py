@@ -273,6 +273,9 @@ def cmd_submit(args) -> None:
     job_id = sm.submit(args.job, args.address, args.overrides, args.job_command)
     address = sm.resolve_address(args.address)
     print(f"submitted {args.job_command} job {job_id} to {address}")
+    forwarded = sorted(sm.storage_env())
+    if forwarded:
+        print(f"  storage settings forwarded to the job (values not shown): {', '.join(forwarded)}")
     print(f"  follow:  ptm jobs logs {job_id} --follow --address {address}")
     print(f"  status:  ptm jobs status {job_id} --address {address}")
     print(f"  stop:    ptm jobs stop {job_id} --address {address}")

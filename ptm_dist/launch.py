@@ -27,9 +27,10 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH":
 
 
 def worker_env_vars() -> dict[str, str]:
-    """WORKER_ENV plus this machine's cache and thread settings, for local clusters."""
+    """WORKER_ENV plus this machine's thread settings and, for a local Ray, its cache directory
+    (a path on this machine, which other nodes of a cluster do not have)."""
     env = dict(WORKER_ENV)
-    for key in ("PTM_DIST_CACHE", "OMP_NUM_THREADS"):
+    for key in ("OMP_NUM_THREADS",) if joins_cluster() else ("PTM_DIST_CACHE", "OMP_NUM_THREADS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -112,6 +113,76 @@ def check_capacity(launch: Launch, local: bool) -> None:
                           "change scaling.resources_per_worker / scaling.use_gpu")
     progress.print_line(f"[ptm] waiting for resources: {short}; Ray Train starts the workers when "
                                 "they fit (an autoscaler may add nodes; Ctrl-C to stop)")
+
+
+# Shards each node checks in the preflight (the first ones of each list): enough to find data
+# that only the driver's machine has, without listing a large corpus once per node.
+PREFLIGHT_SHARDS = 4
+
+
+def _node_probe(paths: list[str], probe_file: str) -> dict:
+    """Run on one node: which of ``paths`` it cannot read, and whether it can write ``probe_file``."""
+    import socket
+
+    from ptm_dist import storage
+
+    out = {"host": socket.gethostname(), "missing": [], "write_error": None}
+    for path in paths:
+        try:
+            if not storage.exists(path):
+                out["missing"].append(path)
+        except Exception as e:  # noqa: BLE001 - unreachable endpoints, bad credentials: reported as unreadable
+            out["missing"].append(f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    try:
+        storage.write_text(probe_file, "ptm preflight\n")
+    except Exception as e:  # noqa: BLE001
+        out["write_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return out
+
+
+def preflight_nodes(run_dir: str, data_paths: list[str], timeout_s: float = 120) -> None:
+    """On a cluster, before any worker starts: every node that can run workers reads the job's
+    data (a few shards of each list) and writes into the run directory, and the driver reads
+    what each wrote (so a local ``run.storage`` path that is not shared between nodes is found).
+    Raises a one-line ConfigError naming the node and the path."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ptm_dist import storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    token = uuid.uuid4().hex[:12]
+    probe_dir = storage.join(run_dir, ".preflight")
+    probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe)
+    refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(data_paths, storage.join(probe_dir, f"{token}-{n['NodeID'][:12]}")) for n in nodes}
+    try:
+        results = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"preflight: the cluster's {len(nodes)} nodes did not answer a check task in "
+                          f"{timeout_s:.0f} s") from None
+    try:
+        ip = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+        for node, r in results.items():
+            where = f"node {node[:12]} ({r['host']}, {ip[node]})"
+            if r["missing"]:
+                raise ConfigError(
+                    f"data: {r['missing'][0]} cannot be read from {where}; workers run on every node, so the "
+                    "data must be where all of them read it: an object store (s3://...) or a filesystem every "
+                    "node mounts")
+            if r["write_error"]:
+                raise ConfigError(f"run.storage: {where} cannot write to {run_dir}: {r['write_error']}")
+            if not storage.exists(storage.join(probe_dir, f"{token}-{node[:12]}")):
+                raise ConfigError(
+                    f"run.storage {run_dir} is not shared: what {where} wrote there is not visible to the "
+                    "driver; use a filesystem every node mounts, or an object store (s3://...)")
+    finally:
+        try:
+            storage.delete_dir(probe_dir)
+        except OSError:
+            pass
 
 
 def connect_ray(num_workers: int, resources_per_worker: dict | None = None) -> bool:

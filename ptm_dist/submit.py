@@ -22,6 +22,18 @@ from ptm_dist.config import load
 from ptm_dist.errors import ConfigError, SubmitError
 from ptm_dist.launch import WORKER_ENV, send_cluster_token_if_available
 
+# Object-store settings a job's workers need to reach the same storage as the submitting
+# machine (S3, and S3-compatible stores such as MinIO or R2 through AWS_ENDPOINT_URL). Forwarded
+# in the job's runtime environment when set here; never written to the run directory or logs.
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def storage_env() -> dict[str, str]:
+    """The STORAGE_ENV variables set in this process."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+
+
 SUBMITTABLE = ("pretrain", "prepare", "bench", "finetune", "tune", "pipeline")  # commands a cluster job may run
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -91,7 +103,7 @@ def submit(job: str | None, address: str | None, overrides: list[str], command: 
             c.submit_job, address,
             entrypoint=f"python -m ptm_dist.cli {command} job.yaml",
             runtime_env={"working_dir": tmp, "py_modules": [str(pkg)],
-                         "env_vars": {**WORKER_ENV, "PYTHONUNBUFFERED": "1"}},
+                         "env_vars": {**storage_env(), **WORKER_ENV, "PYTHONUNBUFFERED": "1"}},
             metadata={"ptm_command": command, "run_name": cfg.run.name},
         )
     return job_id

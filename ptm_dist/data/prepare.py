@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from ptm_dist import storage
 from ptm_dist.config import JobConfig, SourceSection, cache_dir
 from ptm_dist.data.corpus import ensure_builtin_corpus
 from ptm_dist.data.pieces import Piece, plan_pieces
@@ -38,7 +41,9 @@ class WorkerData:
         """What a checkpoint's data position and token ids mean: hashes of the tokenizer and of
         the training shard list with its pieces (recorded in every checkpoint's COMPLETE marker;
         a resume with other values is refused unless run.allow_data_change)."""
-        shards = [[s.uri, s.format, s.text_column, s.weight] for s in self.train_shards]
+        # File names, not whole URIs: the same corpus copied elsewhere (the built-in corpus
+        # staged into run storage on a cluster, a bucket moved) is the same data.
+        shards = [[s.uri.rsplit("/", 1)[-1], s.format, s.text_column, s.weight] for s in self.train_shards]
         pieces = [[p.shard, p.index, p.start, p.stop, p.uri] for p in self.train_pieces]
         listing = json.dumps({"shards": shards, "pieces": pieces}, sort_keys=True)
         return {"tokenizer_sha256": hashlib.sha256(self.tokenizer_json.encode()).hexdigest(),
@@ -55,6 +60,27 @@ class PreparedData:
 
     def tokenizer_files(self) -> dict[str, str]:
         return {p.name: p.read_text() for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()}
+
+    def staged(self, local_cache: Path, storage_root: str) -> PreparedData:
+        """The same data with every shard that lives in this machine's ptm cache (the built-in
+        corpus) copied to ``<storage_root>/.ptm-cache/<sha256 of its bytes>/<name>``, which every
+        node of a cluster reads; copied once per content, later calls reuse the copy. Shards
+        named by the user are not copied (the preflight checks every node can read them)."""
+        root = str(local_cache.expanduser().resolve())
+
+        def stage(shard: Shard) -> Shard:
+            if storage.is_uri(shard.uri) or not str(Path(shard.uri).resolve()).startswith(root + "/"):
+                return shard
+            local = Path(shard.uri)
+            digest = hashlib.sha256(local.read_bytes()).hexdigest()[:16]
+            target = storage.join(storage_root, ".ptm-cache", digest, local.name)  # same file name
+            if not storage.exists(target):
+                fs, p = storage.resolve(target)
+                fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            return replace(shard, uri=target)
+
+        return replace(self, train=[stage(s) for s in self.train], val=[stage(s) for s in self.val])
 
     def pieces(self, cache: str | None = None) -> list[Piece]:
         """The training shards' pieces; ``cache``: a run directory that keeps the plan."""

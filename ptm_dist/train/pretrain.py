@@ -20,7 +20,7 @@ import time
 
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import faults, launch, progress, runlogs, storage, tracking
-from ptm_dist.config import JobConfig
+from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
 from ptm_dist.tracking import read_metrics
@@ -35,6 +35,8 @@ def pretrain(cfg: JobConfig) -> str:
     # Before Ray starts: a missing path, an unknown format or an unreadable tokenizer is an
     # error in seconds. (A tokenizer still to train samples the shards in this process.)
     data = prepare_data(cfg)
+    if launch.joins_cluster():  # other nodes cannot read this machine's cache
+        data = data.staged(cache_dir(cfg), storage.absolute(cfg.run.storage))
     worker_data = data.for_workers(cache=run_dir)
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
@@ -71,6 +73,10 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> 
         how = launch.Launch.from_scaling(cfg.scaling)
         check_precision(cfg.train.precision, how.use_gpu, cfg.zero.stage)
         launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
+        if launch.joins_cluster():
+            n = launch.PREFLIGHT_SHARDS
+            sample = (*worker_data.train_shards[:n], *worker_data.val_shards[:n])
+            launch.preflight_nodes(run_dir, [s.uri for s in sample])
         storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
         launch.forget_ray_checkpoint_index(run_dir)
         resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)

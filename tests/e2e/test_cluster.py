@@ -1,9 +1,19 @@
 """A real two-node Ray cluster on this machine (`ray start` head + worker, token auth on),
-driven only through the CLI a user types: ptm submit, ptm jobs."""
+driven only through the CLI a user types: ptm submit, ptm jobs.
+
+The worker node is a machine of its own as far as files go: its `ray start` runs in its own
+mount namespace with empty tmpfs mounts over the head's Ray temp directory, the test session's
+temporary directories (where the driver's ptm cache and corpora live), ~/.cache and ~/.ray, and
+with its own HOME and temp directory. The nodes share only the run storage (a directory outside
+those) and the installed code, as nodes built from one image and mounting one filesystem do.
+The worker node is handed the cluster token in RAY_AUTH_TOKEN (its ~/.ray is hidden)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -30,16 +40,19 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
-def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
+def _ray_start(args: list[str], env: dict, hide: list[str] = ()) -> subprocess.Popen:
     """`ray start --block` in its own process group, so teardown stops this cluster only
-    (`ray stop` would stop every Ray on the machine)."""
+    (`ray stop` would stop every Ray on the machine). ``hide``: directories the node must not
+    see; it then runs in its own mount namespace with an empty tmpfs over each."""
     agent, grpc, rt_env, metrics = _ports(4)
-    return subprocess.Popen(
-        [f"{BIN}/ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=3",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}", *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    cmd = [f"{BIN}/ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+           f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}", *args]
+    if hide:
+        mounts = " && ".join(f"mount -t tmpfs ptm-hidden {shlex.quote(d)}" for d in hide)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(cmd)}"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def ptm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -64,10 +77,22 @@ def cluster(tmp_path_factory):
             assert time.time() < deadline, "the head node did not come up"
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)
-        # Its own temp dir, as on a separate machine: two nodes sharing one runtime_resources
-        # directory unpack and garbage-collect the job's package under each other's feet.
+        # Its own temp dir and HOME, as on a separate machine (two nodes sharing one
+        # runtime_resources directory also unpack and garbage-collect the job's package under
+        # each other's feet), and the head's files hidden.
         worker_tmp = tempfile.mkdtemp(prefix="rayw-", dir="/tmp")
-        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_tmp}"], env))
+        home = Path.home()
+        hidden = [str(tmp_path_factory.getbasetemp().parent), "/tmp/ray", str(home / ".cache"), str(home / ".ray")]
+        worker_env = {k: v for k, v in env.items() if k != "PTM_DIST_CACHE"}
+        worker_env.update(HOME=f"{worker_tmp}/home", RAY_AUTH_TOKEN=(home / ".ray" / "auth_token").read_text().strip())
+        # DeepSpeed's CPU comm op, built once per machine (about 2 minutes): the node reads a
+        # copy, as an image would carry it, instead of building it again.
+        built = home / ".cache" / "torch_extensions"
+        if built.is_dir():
+            shutil.copytree(built, f"{worker_tmp}/torch_extensions")
+        worker_env["TORCH_EXTENSIONS_DIR"] = f"{worker_tmp}/torch_extensions"
+        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_tmp}"], worker_env,
+                                hide=[d for d in hidden if Path(d).is_dir()]))
         deadline = time.time() + 120
         while True:
             out = subprocess.run([f"{BIN}/ray", "status", f"--address=127.0.0.1:{gcs}"], capture_output=True,
@@ -92,12 +117,21 @@ def cluster(tmp_path_factory):
             shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
-def test_submit_spread_job_and_follow_it_to_success(cluster, tmp_path):
-    storage = tmp_path / "runs"
-    proc = ptm("submit", "--address", cluster, "--set", "model.size=debug", "--set", "data.seq_len=32",
-               "--set", "train.max_steps=6", "--set", "train.ckpt_every=3", "--set", "train.eval_every=3",
-               "--set", "train.micro_batch=4", "--set", "scaling.placement=spread",
-               "--set", "run.name=cluster-debug", "--set", f"run.storage={storage}")
+@pytest.fixture(scope="module")
+def shared():
+    """The run storage both nodes see: a directory outside everything the worker node hides."""
+    path = Path(tempfile.mkdtemp(prefix="ptm-shared-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+DEBUG = ["model.size=debug", "data.seq_len=32", "train.max_steps=6", "train.ckpt_every=3", "train.eval_every=3",
+         "train.micro_batch=4", "scaling.placement=spread"]
+
+
+def submit_and_wait(cluster: str, sets: list[str]) -> tuple[str, str, str]:
+    """(job id, final status line, job logs) of a `ptm submit` followed with `ptm jobs`."""
+    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("job_id: ")
@@ -111,14 +145,44 @@ def test_submit_spread_job_and_follow_it_to_success(cluster, tmp_path):
             break
         assert time.time() < deadline, "job did not finish in 10 minutes"
         time.sleep(3)
-    logs = ptm("jobs", "logs", job_id, "--address", cluster).stdout
-    assert "SUCCEEDED" in status.stdout, logs[-3000:]
+    return job_id, status.stdout, ptm("jobs", "logs", job_id, "--address", cluster).stdout
+
+
+def test_submit_spread_job_and_follow_it_to_success(cluster, shared):
+    """The driver (on the head node) builds the built-in corpus in its own cache, which the
+    worker node cannot see; it stages the shards into the run storage, and the worker on the
+    other node trains from there."""
+    storage = shared / "runs"
+    job_id, status, logs = submit_and_wait(cluster, [*DEBUG, "run.name=cluster-debug", f"run.storage={storage}"])
+    assert "SUCCEEDED" in status, logs[-3000:]
     assert f"run_dir: {storage}/cluster-debug" in logs
+    staged = sorted(p.name for p in (storage / ".ptm-cache").glob("*/*"))
+    assert staged and all(p.startswith(("train-", "val-")) and p.endswith(".jsonl") for p in staged), staged
     assert job_id in ptm("jobs", "list", "--address", cluster).stdout
     ckpt = ck.latest_complete_checkpoint(str(storage / "cluster-debug"))
     assert ckpt is not None and ckpt.endswith("checkpoint_00000006")
     nodes = ck.read_meta(ckpt)["nodes"]
     assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # spread: one worker per node
+
+
+def test_data_only_on_the_head_node_fails_in_preflight_naming_path_and_node(cluster, shared, tmp_path):
+    """A corpus in the head node's local temporary directory: the driver reads it (and trains
+    the tokenizer on it), the preflight task on the worker node cannot, and the job stops with
+    one line naming the shard and that node before any Ray Train worker starts."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b", "c"):
+        (corpus / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{name} says hello world {i} " * 20}) + "\n" for i in range(150)))
+    storage = shared / "runs"
+    _, status, logs = submit_and_wait(cluster, [*DEBUG, "run.name=head-data", f"run.storage={storage}",
+                                                f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.34"])
+    assert "FAILED" in status, logs[-3000:]
+    last = next(ln for ln in reversed(logs.splitlines()) if ln.startswith("ptm pretrain: error:"))
+    print(last)
+    assert re.fullmatch(rf"ptm pretrain: error: data: {re.escape(str(corpus))}/a\.jsonl cannot be read from node "
+                        r"[0-9a-f]{12} \(.+\); workers run on every node, .*", last), last
+    assert not (storage / "head-data" / "metrics.jsonl").exists()  # no worker trained
 
 
 def test_unreachable_address_is_one_line():

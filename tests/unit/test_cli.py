@@ -112,3 +112,15 @@ def test_a_typo_is_reported_in_a_second_without_loading_torch_or_ray():
 def test_verbose_flag_on_the_job_commands():
     assert parse("pretrain", "--verbose").verbose and parse("finetune", "-v").verbose
     assert not parse("tune").verbose
+
+
+def test_submit_forwards_only_the_storage_settings_that_are_set(monkeypatch):
+    from ptm_dist.submit import STORAGE_ENV, storage_env
+
+    for key in STORAGE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "")  # set but empty: not forwarded
+    monkeypatch.setenv("HOME_SECRET", "x")
+    assert storage_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "id"}

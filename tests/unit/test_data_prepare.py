@@ -20,3 +20,25 @@ def test_token_sources_cannot_mix_with_raw_text(tmp_path, tok_dir, tok_json, cac
     cfg = debug_job(tmp_path, f"data.sources=[{{path: {tmp_path / 't'}}}, {{path: {shards[0].uri}}}]")
     with pytest.raises(DataError, match="cannot be mixed with raw text"):
         prepare_data(cfg)
+
+
+def test_staging_copies_cached_shards_into_storage_once_and_keeps_the_identity(tmp_path, tok_dir):
+    """Shards under the machine's ptm cache (the built-in corpus) are copied to
+    <storage>/.ptm-cache once, named by content; the user's own shards are left where they are;
+    the data identity a checkpoint records does not change (file names, not locations)."""
+    from ptm_dist.data.prepare import PreparedData
+
+    cache, user = tmp_path / "cache", tmp_path / "user"
+    cache.mkdir()
+    user.mkdir()
+    cached, own = _shards(cache, 2), _shards(user, 1, prefix="u")
+    data = PreparedData(cached[:1] + own, cached[1:], tok_dir)
+    staged = data.staged(cache, str(tmp_path / "runs"))
+    copies = sorted((tmp_path / "runs" / ".ptm-cache").glob("*/*"), key=lambda p: p.name)
+    assert [p.name for p in copies] == ["s0.jsonl", "s1.jsonl"] and len(copies[0].parent.name) == 16
+    assert staged.train[0].uri == str(copies[0]) and staged.val[0].uri == str(copies[1])
+    assert staged.train[1] == own[0]  # not in the cache: not copied
+    assert copies[0].read_bytes() == (cache / "s0.jsonl").read_bytes()
+    mtime = copies[0].stat().st_mtime_ns
+    assert data.staged(cache, str(tmp_path / "runs")) == staged and copies[0].stat().st_mtime_ns == mtime
+    assert staged.for_workers().identity == data.for_workers().identity
