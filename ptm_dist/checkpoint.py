@@ -136,6 +136,23 @@ class RankState:
         return cls(**known, extra={**state.pop("extra", {}), **state})
 
 
+def rank_files(rank: int):
+    """Which files of a checkpoint rank ``rank`` reads to resume (for ``storage.local_copy``):
+    its own trainer state and ZeRO partition (``*zero_pp_rank_<rank>_*``: optimizer states, and
+    at ZeRO-3 the weights), and the whole weights that every rank loads below ZeRO-3
+    (``mp_rank_00_model_states.pt``). DeepSpeed reads only its own rank's ZeRO files unless
+    ZeRO's elastic checkpoints are on, which ptm never sets."""
+    own = f"zero_pp_rank_{rank}_"
+
+    def select(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        if rel == RankState.file(rank):
+            return True
+        return rel.startswith(f"{DS_TAG}/") and (own in name or name == "mp_rank_00_model_states.pt")
+
+    return select
+
+
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d.get(part, {}) if isinstance(d, dict) else {}

@@ -117,13 +117,24 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(p)
 
 
-def local_copy(path: str) -> tuple[Path, bool]:
-    """(a local directory with the contents of ``path``, whether it is a temporary copy)."""
+def local_copy(path: str, select=None) -> tuple[Path, bool]:
+    """(a local directory with the contents of ``path``, whether it is a temporary copy).
+
+    ``select(relative_path) -> bool`` copies only the files it accepts from object storage (a
+    local directory is used in place)."""
     if not is_uri(path):
         return Path(path), False
     fs, p = resolve(path)
     tmp = Path(tempfile.mkdtemp(prefix="ptm-ckpt-"))
-    pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if select is None:
+        pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return tmp, True
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        rel = info.path[len(p.rstrip("/")) + 1:]
+        if info.type == pafs.FileType.File and select(rel):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(tmp / rel), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     return tmp, True
 
 

@@ -106,7 +106,7 @@ class Trainer:
         # covers runs started without it (the local runner).
         data_changed = ckpt_lib.check_resume(ckpt_dir, self.cfg.to_dict(), self.spec.data.identity,
                                              self.cfg.run.allow_data_change)
-        local, is_tmp = storage.local_copy(ckpt_dir)
+        local, is_tmp = storage.local_copy(ckpt_dir, select=ckpt_lib.rank_files(self.rank))
         try:
             path, _ = self.engine.load_checkpoint(
                 str(local), tag=ckpt_lib.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
