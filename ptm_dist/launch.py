@@ -261,6 +261,11 @@ class Launch:
                 placement: str = "pack") -> Launch:
         """Decide GPUs against the connected cluster (call after connect_ray)."""
         gpu = use_gpu(use_gpu_setting)
+        if not gpu and (resources or {}).get("GPU", 0) > 0:
+            why = ("the Ray cluster has no GPUs (scaling.use_gpu: auto)" if use_gpu_setting == "auto"
+                   else "scaling.use_gpu is false")
+            raise ConfigError(f"scaling.resources_per_worker asks for {resources['GPU']:g} GPU per worker, but {why}; "
+                              "drop GPU from scaling.resources_per_worker or run on GPU nodes")
         return cls(num_workers, gpu, dict(resources or ({"GPU": 1} if gpu else {"CPU": 1})), placement)
 
     @classmethod
@@ -276,14 +281,18 @@ def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_
     import ray.train
     from ray.train.torch import TorchConfig
 
+    try:
+        scaling = ray.train.ScalingConfig(
+            num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+            resources_per_worker=launch.resources_per_worker, placement_strategy=launch.placement.upper(),
+        )
+    except ValueError as e:  # Ray's own checks of the combination: one line, not its traceback
+        raise ConfigError(f"scaling: {str(e).splitlines()[0]}") from None
     return _trainer_class()(
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=launch.num_workers, use_gpu=launch.use_gpu,
-            resources_per_worker=launch.resources_per_worker, placement_strategy=launch.placement.upper(),
-        ),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,13 +29,26 @@ from urllib.parse import urlparse
 
 from ptm_dist import storage
 
-# Dense bf16 datasheet peaks (FLOP/s) used for MFU.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "L40": 181e12}
+# Dense bf16 datasheet peaks (FLOP/s) used for MFU, matched in this order against the name
+# torch reports ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA L40S", "NVIDIA A100-SXM4-80GB"):
+# whole words, the variants before the family, so an L40S is not taken for an L40 or an L4.
+GPU_PEAK_FLOPS = (
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b", 989e12),
+    (r"\bH200\b", 989e12),
+    (r"\bA100\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),
+)
 
 
 def gpu_peak_flops(device_name: str) -> float | None:
-    for key, peak in GPU_PEAK_FLOPS.items():
-        if key in device_name:
+    """The datasheet peak of a GPU by its name, or None for a GPU not listed (no MFU then)."""
+    for pattern, peak in GPU_PEAK_FLOPS:
+        if re.search(pattern, device_name):
             return peak
     return None
 

@@ -51,3 +51,12 @@ def test_64_workers_on_this_machine_are_refused_in_a_second_before_ray_starts(tm
     assert len(err) == 1 and err[0].startswith(f"ptm pretrain: error: scaling.num_workers={n} x 1 CPU")
     assert seconds < 5  # before any corpus, tokenizer or Ray work (about 0.1 s here)
     assert list(tmp_path.iterdir()) == []  # and before the run directory is written
+
+
+def test_gpu_resources_without_gpus_are_one_line_config_errors():
+    from ptm_dist.errors import ConfigError
+    from ptm_dist.launch import Launch
+
+    with pytest.raises(ConfigError, match=r"asks for 1 GPU per worker, but scaling.use_gpu is false"):
+        Launch.resolve(2, False, {"GPU": 1})
+    assert Launch.resolve(2, False, {"CPU": 2}).resources_per_worker == {"CPU": 2}

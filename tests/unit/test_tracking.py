@@ -114,3 +114,14 @@ def test_object_storage_run_dir_gets_its_offline_run_uploaded(tmp_path, s3_endpo
     pafs.copy_files(path, str(down / "wandb"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     (records,) = offline_runs(down).values()
     assert [h["loss"] for h in history(records)] == [2.5]
+
+
+def test_gpu_peaks_match_whole_names_variants_first():
+    from ptm_dist.tracking import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu_peak_flops("NVIDIA L40S") == 362e12 and gpu_peak_flops("NVIDIA L40") == 181e12
+    assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("NVIDIA A10") == 125e12 and gpu_peak_flops("NVIDIA A10G") is None
+    assert gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
