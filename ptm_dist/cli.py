@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--search-micro-batch", action="store_true",
                    help="also time the baseline at other micro batch sizes (until out of memory on GPU)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    b = bsub.add_parser("init", help="ZeRO-3 peak memory per rank: model built whole vs partitioned",
+                        description="Peak host RSS per rank of ZeRO-3 training with the model built whole "
+                        "on every rank and built partitioned (no Ray; a process group on this machine).")
+    _job_args(b)
+    b.add_argument("--steps", type=int, default=3, help="training steps after building (default 3)")
+    b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     b = bsub.add_parser("data", help="raw tokenizer throughput vs this read+tokenize+pack pipeline",
                         description="Measure raw Hugging Face tokenizers batch encoding and this "
                         "pipeline's read + tokenize + pack throughput on the same shards.")
@@ -199,7 +205,12 @@ def cmd_bench(args) -> None:
     from ptm_dist.bench import bench_train, format_report
     from ptm_dist.config import load
 
-    if args.bench == "data":
+    if args.bench == "init":
+        from ptm_dist.bench_init import bench_init, format_init_report
+
+        report = bench_init(load(args.job, args.overrides), args.steps)
+        print(format_init_report(report))
+    elif args.bench == "data":
         from ptm_dist.bench import bench_data
 
         report = bench_data(load(args.job, args.overrides), args.max_shards, args.scale, args.memory,

@@ -84,20 +84,41 @@ def hf_config(
 _CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "bert": BertForMaskedLM}
 
 
-def build(config: PretrainedConfig, seed: int | None = None) -> PreTrainedModel:
-    """A randomly initialised model with SDPA attention; the same seed gives the same weights."""
+def build(config: PretrainedConfig, seed: int | None = None, zero3: dict | None = None) -> PreTrainedModel:
+    """A randomly initialised model with SDPA attention; the same seed gives the same weights.
+
+    ``zero3``: a DeepSpeed ZeRO-3 config. The model is then built partitioned, each module's
+    weights split over the ranks as soon as it is constructed (transformers' own path: an
+    ``HfDeepSpeedConfig`` makes ``_from_config`` run under ``deepspeed.zero.Init`` and
+    initialise each module's gathered weights on rank 0), so no rank ever holds the whole model.
+    It needs a process group. The weights then differ from an unpartitioned build with the same
+    seed (the initialisation runs in another order), but not with the number of ranks. The
+    HfDeepSpeedConfig stays alive with the model (transformers checks it in later calls)."""
     if seed is not None:
         torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
-    return _CLASSES[config.model_type](config)
+    cls = _CLASSES[config.model_type]
+    if zero3 is None:
+        return cls(config)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(zero3)
+    model = cls._from_config(config)
+    model._ptm_hf_deepspeed_config = keep
+    return model
 
 
 def num_params(model: torch.nn.Module, exclude_position_embeddings: bool = True) -> int:
-    n = sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model (a ZeRO-3 partitioned one too: ``ds_numel`` is a
+    parameter's full size there, ``numel()`` this rank's part)."""
+    def size(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    n = sum(size(p) for p in model.parameters())
     if exclude_position_embeddings:
         for name, p in model.named_parameters():
             if name.endswith(("wpe.weight", "position_embeddings.weight")):
-                n -= p.numel()
+                n -= size(p)
     return n
 
 

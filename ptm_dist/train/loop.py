@@ -27,7 +27,7 @@ from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.dist import broadcast_object, gather_objects, mean_over_ranks, rng_state, set_rng_state
-from ptm_dist.engine import EngineSpec, ds_config, lr_schedule, manual_clip, prepare
+from ptm_dist.engine import EngineSpec, ds_config, lr_schedule, manual_clip, prepare, resolve_precision
 from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
 from ptm_dist.train.spec import PretrainSpec
@@ -63,10 +63,13 @@ class Trainer:
             cfg.model.family, cfg.model.size, data.vocab_size, cfg.data.seq_len,
             models.SpecialTokens(**special), cfg.model.dropout,
         )
-        model = models.build(self.hf_config, seed=cfg.run.seed)
+        self.engine_spec = EngineSpec.for_pretraining(cfg)
+        # ZeRO-3 builds the model partitioned: no rank holds a whole fp32 copy at any time.
+        zero3 = (ds_config(self.engine_spec, resolve_precision(cfg.train.precision, device, 3), device.type == "cuda")
+                 if cfg.zero.stage == 3 else None)
+        model = models.build(self.hf_config, seed=cfg.run.seed, zero3=zero3)
         self.n_params = models.num_params(model)
         self.flops_per_token = models.flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
-        self.engine_spec = EngineSpec.for_pretraining(cfg)
         self.engine, self.precision = prepare(model, self.engine_spec, device)
         self.clip = manual_clip(self.engine_spec, self.precision)
         self.obj = objective_for(cfg, special, data.vocab_size)

@@ -17,7 +17,7 @@ import torch
 from conftest import debug_job, read_lines
 
 from e2e.test_faults import checkpoint_tensors, max_diff
-from e2e.test_train import reference_lr
+from e2e.test_train import initial_model, reference_lr
 from ptm_dist import models
 from ptm_dist.data.pipeline import SequenceStream
 from ptm_dist.data.prepare import prepare_data
@@ -31,7 +31,7 @@ def reference_bf16_losses(cfg, world: int) -> list[float]:
     wd = prepare_data(cfg).for_workers()
     hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
                           models.SpecialTokens(**wd.special))
-    model = models.build(hf, seed=cfg.run.seed).to(torch.bfloat16)
+    model = initial_model(cfg, hf).to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     # DeepSpeed casts the model to bf16 first and takes its fp32 master weights from that copy.
     master = [p.detach().float().requires_grad_() for p in params]

@@ -38,6 +38,47 @@ def reference_lr(step: int, cfg) -> float:
     return t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * done)) / 2
 
 
+ZERO3_INIT_SCRIPT = """
+import sys, torch, deepspeed
+from ptm_dist import models
+from ptm_dist.config import load
+from ptm_dist.data.prepare import prepare_data
+from ptm_dist.dist import init_single_process
+from ptm_dist.engine import EngineSpec, ds_config
+cfg = load(JOB, [])
+init_single_process(torch.device("cpu"))
+wd = prepare_data(cfg).for_workers()
+hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
+                      models.SpecialTokens(**wd.special))
+conf = ds_config(EngineSpec.for_pretraining(cfg), cfg.train.precision, False)
+model = models.build(hf, seed=cfg.run.seed, zero3=conf)
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, OUT)
+"""
+
+
+def initial_model(cfg, hf):
+    """The model a run of ``cfg`` starts from, unpartitioned. ZeRO-3 builds it partitioned
+    (models.build's zero3 path), which initialises differently: its weights are built in a
+    process group of one (the same for any number of ranks) and gathered, in a subprocess."""
+    model = models.build(hf, seed=cfg.run.seed)
+    if cfg.zero.stage != 3:
+        return model
+    import tempfile
+
+    from e2e.test_faults import run_python
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "job.yaml").write_text(cfg.to_yaml())
+        proc = run_python(f"JOB = {tmp + '/job.yaml'!r}; OUT = {tmp + '/init.pt'!r}\n" + ZERO3_INIT_SCRIPT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = torch.load(f"{tmp}/init.pt")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
 def reference_losses(cfg, world: int) -> list[float]:
     """Per-step losses of a plain single-process loop over the global batches the workers see.
 
@@ -47,7 +88,7 @@ def reference_losses(cfg, world: int) -> list[float]:
     wd = prepare_data(cfg).for_workers()
     hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
                           models.SpecialTokens(**wd.special))
-    model = models.build(hf, seed=cfg.run.seed)
+    model = initial_model(cfg, hf)
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
@@ -95,7 +136,7 @@ def reference_eval_loss(cfg) -> float:
     wd = prepare_data(cfg).for_workers()
     hf = models.hf_config(cfg.model.family, cfg.model.size, wd.vocab_size, cfg.data.seq_len,
                           models.SpecialTokens(**wd.special))
-    model = models.build(hf, seed=cfg.run.seed).eval()
+    model = initial_model(cfg, hf).eval()
     _, val = take_sequences(list(wd.val_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
                             cfg.train.eval_sequences)
     ids = torch.as_tensor(val, dtype=torch.long)
@@ -123,7 +164,9 @@ def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zer
     assert len(got) == cfg.train.max_steps >= 10
     rel = [abs(g - w) / abs(w) for g, w in zip(got, want)]
     print(f"ZeRO-{stage} grad_accum={grad_accum}: max relative loss difference {max(rel):.2e}")
-    assert max(rel) < 1e-4, list(zip(got, want))
+    # Measured 8e-8 to 1.6e-7 over the stages; a ZeRO-3 run whose weight decay missed every
+    # partitioned matrix (it saw their flat 1-D pieces) differed by 5.5e-5.
+    assert max(rel) < 1e-5, list(zip(got, want))
     assert got[-1] < got[0]  # and it learns
     # The logged lr is the one step s trained with (optimizer step s - 1, 0-based).
     lrs = [(m["lr"], reference_lr(m["step"] - 1, cfg)) for m in lines if "loss" in m]

@@ -198,3 +198,14 @@ def test_resolve_precision():
         check_precision("fp16", on_gpu=False, zero_stage=2)
     check_precision("bf16", on_gpu=False, zero_stage=1)
     check_precision("auto", on_gpu=True, zero_stage=0)  # decided on the worker, which knows its GPU
+
+
+def test_param_groups_use_the_full_shape_of_zero3_partitioned_parameters():
+    """A ZeRO-3 partitioned parameter is a flat 1-D piece whose shape is in ``ds_shape``: a
+    partitioned matrix is still decayed (a run that missed this trained without weight decay)."""
+    matrix, bias = torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(2))
+    matrix.ds_shape, bias.ds_shape = torch.Size([3, 4]), torch.Size([4])
+    model = torch.nn.Module()
+    model.w, model.b = matrix, bias
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [matrix] and no_decay["params"] == [bias]
