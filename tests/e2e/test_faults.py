@@ -321,9 +321,9 @@ from test_faults import snapshot_engine, same
 from ptm_dist.train.local import local_trainer
 from ptm_dist.errors import NonFiniteError
 out = {}
-for stage in (0, 2, 3):
-    cfg = debug_job(TMP, f"run.name=nf{stage}", f"zero.stage={stage}", "train.skip_nonfinite=1",
-                    "tracking.wandb=disabled")
+for stage, precision in ((0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")):
+    cfg = debug_job(TMP, f"run.name=nf{stage}{precision}", f"zero.stage={stage}", "train.skip_nonfinite=1",
+                    f"train.precision={precision}", "tracking.wandb=disabled")
     tr = local_trainer(cfg)
     it = iter(tr.stream)
     tr.train_one_step(it); tr.train_one_step(it)
@@ -340,7 +340,7 @@ for stage in (0, 2, 3):
     stopped_same = same(before, snapshot_engine(tr.engine))
     del os.environ["PTM_FAULT"]
     tr.train_one_step(it)
-    out[stage] = {"skipped_unchanged": skipped_same, "stopped_unchanged": stopped_same,
+    out[f"{stage} {precision}"] = {"skipped_unchanged": skipped_same, "stopped_unchanged": stopped_same,
                   "count": tr.nonfinite_skipped, "message": message,
                   "next_step_changes": not same(before, snapshot_engine(tr.engine)),
                   "engine_optimizer": type(tr.engine.optimizer).__name__}
@@ -374,9 +374,10 @@ def same(a, b) -> bool:
 
 
 def test_a_nonfinite_step_leaves_weights_optimizer_and_schedule_unchanged(tmp_path, cache_dir):
-    """ZeRO-0, 2 and 3 (one process): a step with NaN gradients (finite loss) is skipped and a
-    NaN loss past train.skip_nonfinite=1 stops; both leave weights, master weights, optimizer
-    state and LR schedule bit-identical; the next step trains normally."""
+    """ZeRO-0, 2 and 3 in fp32 and ZeRO-1 (BF16_Optimizer), 2 and 3 in bf16 (one process): a
+    step with NaN gradients (finite loss) is skipped and a NaN loss past train.skip_nonfinite=1
+    stops; both leave weights, master weights, optimizer state and LR schedule bit-identical;
+    the next step trains normally."""
     out = last_json(run_python(f"TMP = {str(tmp_path)!r}\n" + textwrap.dedent(NONFINITE_SCRIPT)))
     for stage, r in out.items():
         print(f"ZeRO-{stage} ({r['engine_optimizer']}): skipped step unchanged={r['skipped_unchanged']}, "
