@@ -17,9 +17,8 @@ import torch
 from conftest import debug_job, read_lines
 
 from e2e.test_faults import checkpoint_tensors, max_diff
-from e2e.test_train import initial_model, reference_lr
+from e2e.test_train import initial_model, reference_adamw, reference_lr, reference_streams
 from ptm_dist import models
-from ptm_dist.data.pipeline import SequenceStream
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.export import export
 from ptm_dist.train.pretrain import pretrain
@@ -36,12 +35,8 @@ def reference_bf16_losses(cfg, world: int) -> list[float]:
     # DeepSpeed casts the model to bf16 first and takes its fp32 master weights from that copy.
     master = [p.detach().float().requires_grad_() for p in params]
     t = cfg.train
-    opt = torch.optim.AdamW([{"params": [m for m in master if m.ndim > 1], "weight_decay": t.weight_decay},
-                             {"params": [m for m in master if m.ndim <= 1], "weight_decay": 0.0}],
-                            lr=t.lr, betas=tuple(t.betas), eps=1e-8)
-    streams = [iter(SequenceStream(list(wd.train_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
-                                   cfg.run.seed, r, world, use_ray=False,
-                                   shuffle_window=cfg.data.shuffle_window)) for r in range(world)]
+    opt = reference_adamw(master, cfg)
+    streams = reference_streams(cfg, wd, world)
     losses = []
     for step in range(t.max_steps):
         for group in opt.param_groups:

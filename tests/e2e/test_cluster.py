@@ -23,9 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from ptm_dist import checkpoint as ck
+from ptm_dist import storage as st
+from ptm_dist.submit import STORAGE_ENV
 
 BIN = str(Path(sys.executable).parent)
 
@@ -61,11 +64,14 @@ def ptm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_endpoint):
     gcs, dash = _ports(2)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token"}  # what cluster/ sets: token authentication on every node
     env.pop("RAY_ADDRESS", None)
+    # The nodes know nothing of the S3 server: jobs reach it through what `ptm submit` forwards.
+    for key in STORAGE_ENV:
+        env.pop(key, None)
     head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={dash}"], env)
     procs = [head]
@@ -137,6 +143,8 @@ def submit_and_wait(cluster: str, sets: list[str]) -> tuple[str, str, str]:
     assert last.startswith("job_id: ")
     job_id = last.removeprefix("job_id: ")
     assert f"ptm jobs logs {job_id} --follow" in proc.stdout
+    forwarded = next(ln for ln in proc.stdout.splitlines() if "storage settings forwarded" in ln)
+    assert "AWS_ENDPOINT_URL" in forwarded and os.environ["AWS_SECRET_ACCESS_KEY"] not in forwarded.split(":")[1]
     deadline = time.time() + 600
     while True:
         status = ptm("jobs", "status", job_id, "--address", cluster)
@@ -148,18 +156,21 @@ def submit_and_wait(cluster: str, sets: list[str]) -> tuple[str, str, str]:
     return job_id, status.stdout, ptm("jobs", "logs", job_id, "--address", cluster).stdout
 
 
-def test_submit_spread_job_and_follow_it_to_success(cluster, shared):
-    """The driver (on the head node) builds the built-in corpus in its own cache, which the
-    worker node cannot see; it stages the shards into the run storage, and the worker on the
+def test_submit_spread_job_and_follow_it_to_success(cluster):
+    """Run storage on the S3 server, which the nodes reach only through the settings `ptm submit`
+    forwards. The driver (on the head node) builds the built-in corpus in its own cache, which
+    the worker node cannot see; it stages the shards into the run storage, and the worker on the
     other node trains from there."""
-    storage = shared / "runs"
+    storage = "s3://ptm/cluster-runs"
     job_id, status, logs = submit_and_wait(cluster, [*DEBUG, "run.name=cluster-debug", f"run.storage={storage}"])
     assert "SUCCEEDED" in status, logs[-3000:]
     assert f"run_dir: {storage}/cluster-debug" in logs
-    staged = sorted(p.name for p in (storage / ".ptm-cache").glob("*/*"))
+    fs, root = st.resolve(f"{storage}/.ptm-cache")
+    staged = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                    if i.type == pafs.FileType.File)
     assert staged and all(p.startswith(("train-", "val-")) and p.endswith(".jsonl") for p in staged), staged
     assert job_id in ptm("jobs", "list", "--address", cluster).stdout
-    ckpt = ck.latest_complete_checkpoint(str(storage / "cluster-debug"))
+    ckpt = ck.latest_complete_checkpoint(f"{storage}/cluster-debug")
     assert ckpt is not None and ckpt.endswith("checkpoint_00000006")
     nodes = ck.read_meta(ckpt)["nodes"]
     assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # spread: one worker per node

@@ -79,6 +79,22 @@ def initial_model(cfg, hf):
     return model
 
 
+def reference_adamw(params: list, cfg) -> torch.optim.AdamW:
+    """torch's AdamW with the job's settings, weight decay on matrices only (not on biases and
+    norms), its lr set by the caller at every step (reference_lr)."""
+    t = cfg.train
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
+                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                             lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+
+
+def reference_streams(cfg, wd, world: int) -> list:
+    """Each rank's sequence stream, packed in this process (what rank r's workers receive)."""
+    return [iter(SequenceStream(list(wd.train_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
+                                cfg.run.seed, r, world, use_ray=False, shuffle_window=cfg.data.shuffle_window))
+            for r in range(world)]
+
+
 def reference_losses(cfg, world: int) -> list[float]:
     """Per-step losses of a plain single-process loop over the global batches the workers see.
 
@@ -91,12 +107,8 @@ def reference_losses(cfg, world: int) -> list[float]:
     model = initial_model(cfg, hf)
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                            lr=t.lr, betas=tuple(t.betas), eps=1e-8)
-    streams = [iter(SequenceStream(list(wd.train_shards), wd.tokenizer_json, cfg.data.seq_len, wd.special["eos"],
-                                   cfg.run.seed, r, world, use_ray=False,
-                                   shuffle_window=cfg.data.shuffle_window)) for r in range(world)]
+    opt = reference_adamw(params, cfg)
+    streams = reference_streams(cfg, wd, world)
     losses = []
     for step in range(t.max_steps):
         for group in opt.param_groups:
