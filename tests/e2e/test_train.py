@@ -271,6 +271,7 @@ def test_resume_refuses_other_data_and_a_new_lr_but_extends_max_steps_without_a_
     want = [t.min_lr + 0.5 * (at6 - t.min_lr) * (1 + math.cos(math.pi * (m["step"] - 1 - 6) / (18 - 6)))
             for m in lines]
     print("lr, steps 7-18:", [f"{m['lr']:.3e}" for m in lines])
+    # rel=1e-12: float rounding between two formulas (4.0e-16 in tests/unit/test_engine.py)
     assert [m["lr"] for m in lines] == pytest.approx(want, rel=1e-12)
     full_step_7 = next(m for m in read_lines(run_dir) if m["step"] == 7 and "loss" in m)
     assert lines[0]["lr"] == pytest.approx(full_step_7["lr"], rel=1e-12)  # where the old run went on

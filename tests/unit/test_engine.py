@@ -91,6 +91,7 @@ def test_an_extended_schedule_continues_without_a_jump_and_survives_the_state_di
     at30 = half_cosine(30, 10, 40, at10)
     want = [closed_form_lr(s, o) if s < 10 else half_cosine(s, 10, 40, at10) if s < 30 else half_cosine(s, 30, 50, at30)
             for s in range(60)]
+    # rel=1e-12: two float formulas of the same value (measured max difference 4.0e-16)
     assert [o.lr * f(s) for s in range(60)] == pytest.approx(want, rel=1e-12)
     # no jump: at each extension the lr is the one the schedule had reached there
     assert o.lr * f(10) == pytest.approx(at10, rel=1e-12) and o.lr * f(30) == pytest.approx(at30, rel=1e-12)
