@@ -188,13 +188,12 @@ def baseline(spec: dict) -> dict:
     device = torch.device(spec["device"])
     wd = spec["data"]
     special = wd["special"]
-    hf = models.hf_config(cfg.model.family, cfg.model.size, wd["vocab_size"], cfg.data.seq_len,
-                          models.SpecialTokens(**special), cfg.model.dropout)
+    hf = models.config_for(cfg.model, wd["vocab_size"], cfg.data.seq_len, models.SpecialTokens(**special))
     steps, warmup = spec["steps"], spec["warmup"]
     stream = iter(SequenceStream([Shard(**s) for s in wd["train_shards"]], wd["tokenizer_json"],
                                  cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False,
                                  shuffle_window=cfg.data.shuffle_window))
-    obj = objective_for(cfg, special, wd["vocab_size"])
+    obj = objective_for(cfg, hf, special, wd["vocab_size"])
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
     results = []
     for mb in spec["micro_batches"]:

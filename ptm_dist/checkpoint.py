@@ -7,6 +7,7 @@ A checkpoint is ``<run_dir>/checkpoint_<step:08d>/``:
     ds/            DeepSpeed's checkpoint (model states and every rank's ZeRO shard)
     rank_<r>.pt    per-rank trainer state (RankState): step, tokens, data position, RNG states
     job.yaml       the resolved job        tokenizer/   the tokenizer
+    model_config.json  the model's transformers config (its architecture; export builds from it)
     probe.pt       logits of the live model on one held-out sequence (export checks them)
     COMPLETE       written last, after every rank's files are in storage: JSON with
                    "format" (FORMAT_VERSION), step, tokens_seen, world_size, zero_stage,
@@ -37,6 +38,7 @@ from ptm_dist.errors import CheckpointFormatError, CheckpointWriteError, ConfigE
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 DS_TAG = "ds"  # DeepSpeed's tag: its files live in <checkpoint>/ds/
+MODEL_CONFIG = "model_config.json"
 IDENTITY = ("model", "data.seq_len", "data.tokenizer", "data.piece_bytes", "zero.stage", "scaling.num_workers")
 # What an IDENTITY key meant in a job.yaml written before the key existed.
 IDENTITY_BEFORE = {"data.piece_bytes": 0}  # runs before pieces read every shard whole
@@ -186,12 +188,18 @@ def check_same_run(run_dir: str, job: dict) -> None:
 
 # Keys of the learning-rate schedule other than its end: the schedule is a function of them and
 # the step, so changing one on resume would make the learning rate jump at the resumed step.
-SCHEDULE = ("train.lr", "train.min_lr", "train.warmup_steps")
+SCHEDULE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.schedule")
+# The key that shapes each kind's decay (another kind's is not used, and may change).
+SCHEDULE_PARAMETER = {"wsd": "train.decay_fraction", "constant": "train.cooldown_steps"}
+# What a schedule key meant in a job.yaml written before the key existed: today's defaults,
+# so a checkpoint from before train.schedule resumes as the cosine schedule it trained with.
+SCHEDULE_BEFORE = {"train.schedule": "cosine", "train.decay_fraction": 0.2, "train.cooldown_steps": 0}
 
 
 def check_resume(ckpt_dir: str, job: dict, data_identity: dict, allow_data_change: bool) -> bool:
-    """Refuse to resume ``ckpt_dir`` with a changed schedule (SCHEDULE keys; train.max_steps may
-    change, see ptm_dist.engine.LRSchedule.extend, but not to before the checkpoint's step) or,
+    """Refuse to resume ``ckpt_dir`` with a changed schedule (SCHEDULE keys and the kind's
+    SCHEDULE_PARAMETER; train.max_steps may change, see ptm_dist.engine.LRSchedule.extend, but
+    not to before the checkpoint's step) or,
     unless ``allow_data_change``, a changed tokenizer or training shard list (``data_identity``:
     WorkerData.identity, against the one in its COMPLETE marker; markers written before it was
     recorded are not checked). Returns whether the data changed (and was allowed to)."""
@@ -199,11 +207,18 @@ def check_resume(ckpt_dir: str, job: dict, data_identity: dict, allow_data_chang
 
     old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
     meta = read_meta(ckpt_dir)
-    changed = [k for k in SCHEDULE if _get(old_job, k) != _get(job, k)]
+
+    def before(k: str):
+        value = _get(old_job, k)
+        return SCHEDULE_BEFORE.get(k, value) if value == {} else value  # {}: not in the old job
+
+    kind = before("train.schedule")
+    keys = SCHEDULE + ((SCHEDULE_PARAMETER[kind],) if kind in SCHEDULE_PARAMETER else ())
+    changed = [k for k in keys if before(k) != _get(job, k)]
     if "lr_schedule_end" not in meta and _get(old_job, "train.max_steps") != _get(job, "train.max_steps"):
         changed.append("train.max_steps")  # written before checkpoints kept their schedule
     if changed:
-        details = "; ".join(f"{k}: {_get(old_job, k)!r} -> {_get(job, k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {before(k)!r} -> {_get(job, k)!r}" for k in changed)
         raise ConfigError(
             f"{ckpt_dir} was trained with a different learning-rate schedule ({details}): resuming "
             "would make the learning rate jump at the resumed step; keep the checkpoint's values, "

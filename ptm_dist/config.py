@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,24 +57,56 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    family: Literal["gpt2", "llama", "bert"] = Field(
-        "gpt2", description="Architecture family: gpt2 and llama are causal LMs, bert is a masked LM."
+    family: str = Field(
+        "gpt2",
+        description="Architecture: a registry family (gpt2 and llama are causal LMs, bert a masked "
+        "LM; sizes in ptm_dist/sizes.py) or any model type the installed transformers knows "
+        "(qwen2, mistral, gemma, roberta, ...: causal or masked by its architecture). Ignored "
+        "with model.init, which brings its own.",
     )
-    size: str = Field("tiny", description="Named size from ptm_dist.sizes.SIZES for the family.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 for pretraining).")
+    size: str = Field(
+        "tiny",
+        description="Named size: the family's own in ptm_dist.sizes.SIZES, or for families "
+        "outside the registry the generic sizes (debug, tiny, 124m, 1b) written with the "
+        "standard config names. Ignored with model.init.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the architecture's transformers config set on top of the size "
+        "(or of model.init's config), e.g. {hidden_size: 256, num_hidden_layers: 6}; a name the "
+        "config does not have is an error.",
+    )
+    init: str | None = Field(
+        None,
+        description="Start from these weights: a Hugging Face model directory (config.json and "
+        "weights, local or a URI), or a ptm run or checkpoint directory (exported first). Its "
+        "tokenizer is used unless data.tokenizer.path is set. Empty: random weights.",
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout probability on every dropout field the architecture has (0 for "
+        "pretraining; with model.init it replaces the pretrained model's own values).",
+    )
     mlm_probability: float = Field(
-        0.15, gt=0.0, lt=1.0, description="Fraction of tokens masked for the bert family."
+        0.15, gt=0.0, lt=1.0, description="Fraction of tokens masked for masked LMs (bert, ...)."
     )
+
+    @field_validator("family")
+    @classmethod
+    def _family_is_a_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", v):
+            raise ValueError(f"model.family {v!r}: a model type name such as gpt2, llama, bert or qwen2")
+        return v
 
     @model_validator(mode="after")
     def _size_exists(self) -> ModelSection:
-        from ptm_dist.sizes import SIZES
+        from ptm_dist.sizes import GENERIC_SIZES, SIZES
 
-        sizes = SIZES[self.family]
-        if self.size not in sizes:
+        sizes = SIZES.get(self.family, GENERIC_SIZES)
+        if self.init is None and self.size not in sizes:
             raise ValueError(
                 f"model.size {self.size!r} does not exist for family {self.family!r}; "
-                f"allowed: {', '.join(sizes)}"
+                f"allowed: {', '.join(sizes)} (or set fields with model.config)"
             )
         return self
 
@@ -165,8 +198,29 @@ class TrainSection(_Section):
     micro_batch: int = Field(16, ge=1, description="Sequences per worker per forward/backward.")
     grad_accum: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
     lr: float = Field(3e-3, gt=0.0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(3e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    min_lr: float = Field(
+        3e-4, ge=0.0, description="Learning rate at the end of the decay (cosine, wsd, constant with cooldown)."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to train.lr, before the schedule.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine",
+        description="Learning rate after warmup. cosine: half a cosine from train.lr down to train.min_lr "
+        "at train.max_steps. wsd (warmup-stable-decay): train.lr, then a linear decay to train.min_lr "
+        "over the last train.decay_fraction of the steps. constant: train.lr, with a linear decay to "
+        "train.min_lr over the last train.cooldown_steps steps when that is > 0. wsd and constant runs "
+        "extend (train.max_steps raised on resume) by moving their decay to the new end.",
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0.0, le=1.0,
+        description="train.schedule wsd: the fraction of train.max_steps at the end over which the "
+        "learning rate decays from train.lr to train.min_lr, linearly (the standard shape in the WSD "
+        "literature); round(decay_fraction x max_steps) steps, at least 1, never into the warmup.",
+    )
+    cooldown_steps: int = Field(
+        0, ge=0,
+        description="train.schedule constant: the last steps, over which the learning rate decays "
+        "linearly from train.lr to train.min_lr (never into the warmup); 0: train.lr to the end.",
+    )
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not on biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0: off).")
@@ -206,6 +260,16 @@ class TrainSection(_Section):
     def _lr_order(self) -> TrainSection:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr {self.min_lr} must not exceed train.lr {self.lr}")
+        return self
+
+    @model_validator(mode="after")
+    def _cooldown_fits(self) -> TrainSection:
+        if self.cooldown_steps and self.schedule != "constant":
+            raise ValueError(f"train.cooldown_steps {self.cooldown_steps} applies to train.schedule constant, "
+                             f"not {self.schedule} (wsd decays over train.decay_fraction of the steps)")
+        if self.cooldown_steps > self.max_steps:
+            raise ValueError(f"train.cooldown_steps {self.cooldown_steps} must not exceed train.max_steps "
+                             f"{self.max_steps}")
         return self
 
 

@@ -6,8 +6,9 @@ that prepares a model for training (activation checkpointing, ZeRO engine, compi
 
 The engine knows the optimiser and schedule (``OptimSpec``) and the ZeRO settings, nothing of
 the job sections they come from. The optimizer (AdamW, no decay on biases and norms) and the
-schedule (linear warmup, cosine decay to ``min_lr``) are also used by the plain single-process
-loop of ``ptm bench``, so the two train with the same hyperparameters.
+schedule (linear warmup, then cosine decay to ``min_lr``, warmup-stable-decay or constant; see
+LRSchedule) are also used by the plain single-process loop of ``ptm bench``, so the two train
+with the same hyperparameters.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ REDUCE_BUCKET_ELEMENTS = 50_000_000
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """AdamW with linear warmup and cosine decay, per worker batch and accumulation."""
+    """AdamW with a learning-rate schedule (``schedule``: cosine, wsd or constant, see
+    LRSchedule), per worker batch and accumulation."""
 
     lr: float
     min_lr: float
@@ -37,6 +39,9 @@ class OptimSpec:
     micro_batch: int
     grad_accum: int = 1
     betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
+    cooldown_steps: int = 0  # constant: the last steps that decay (0: none)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class EngineSpec:
         t, z = cfg.train, cfg.zero
         optim = OptimSpec(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                           weight_decay=t.weight_decay, grad_clip=t.grad_clip, micro_batch=t.micro_batch,
-                          grad_accum=t.grad_accum, betas=tuple(t.betas))
+                          grad_accum=t.grad_accum, betas=tuple(t.betas), schedule=t.schedule,
+                          decay_fraction=t.decay_fraction, cooldown_steps=t.cooldown_steps)
         return cls(optim, z.stage, z.offload_optimizer, z.offload_params, t.precision,
                    t.activation_checkpointing, t.compile)
 
@@ -151,24 +157,50 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSpec, device: torch.devi
 
 
 class LRSchedule:
-    """Multiplier on ``lr`` for optimizer step s (0-based): linear warmup, then half a cosine
-    down to ``min_lr`` at ``max_steps``, and ``min_lr`` after.
+    """Multiplier on ``lr`` for optimizer step s (0-based). Every kind starts with a linear
+    warmup, (s + 1) / warmup for s < warmup, then:
 
-    ``extend(at, end)`` changes the end of a run that has trained ``at`` steps without a jump:
-    from step max(at, warmup) on, half a cosine goes from the multiplier there down to the floor
-    at ``end``. (Raised during warmup, that is the plain schedule with the new end.) Extensions
-    chain. The object holds only numbers: LambdaLR saves a callable object's ``__dict__`` in its
-    state dict, so a checkpoint carries the schedule it trained with, extensions included.
+    cosine    half a cosine down to ``min_lr`` at ``max_steps``, and ``min_lr`` after.
+    wsd       warmup-stable-decay: the peak until the last round(decay_fraction * max_steps)
+              steps (at least 1), then a straight line down to ``min_lr`` at ``max_steps``.
+    constant  the peak; with ``cooldown_steps`` > 0, a straight line down to ``min_lr`` over the
+              last cooldown_steps steps (0: the peak to the end, and after).
+
+    A decay window never reaches into the warmup: one longer than the steps after warmup begins
+    where warmup ends. From multiplier m at the window's first step d, the line gives
+    floor + (m - floor) * (1 - (s - d) / (end - d)) at step s, and the floor from ``end`` on.
+
+    ``extend(at, end)`` changes the end of a run that has trained ``at`` steps without a jump.
+    cosine: from step max(at, warmup) on, half a cosine goes from the multiplier there down to
+    the floor at ``end``. wsd and constant: if the decay had not begun at ``at`` (warmup or
+    stable phase) and the new end's window does not begin before ``at``, the schedule is the
+    plain one with the new end (the decay moves). Otherwise (decaying, or finished, at ``at``)
+    nothing warms up again: the multiplier stays at its value at ``at`` until the new end's
+    decay window, then goes down the line from there to the floor at ``end`` (a finished run
+    stays at the floor). Raised during warmup, every kind is the plain schedule with the new
+    end. Extensions chain.
+
+    The object holds only numbers and the kind's name: LambdaLR saves a callable object's
+    ``__dict__`` in its state dict, so a checkpoint carries the schedule it trained with,
+    extensions included. A state saved before ``kind`` existed sets the fields it has and
+    leaves the others as built (checkpoint.check_resume refuses to resume one as other than
+    cosine).
     """
 
+    KINDS = ("cosine", "wsd", "constant")
+
     def __init__(self, optim: OptimSpec):
+        if optim.schedule not in self.KINDS:
+            raise ValueError(f"unknown learning-rate schedule {optim.schedule!r}; allowed: {', '.join(self.KINDS)}")
         self.floor = optim.min_lr / optim.lr
         self.warmup, self.max_steps = optim.warmup_steps, optim.max_steps
         self.extensions: list[list[int]] = []  # [at, end], in the order they were made
+        self.kind = optim.schedule
+        self.decay_fraction, self.cooldown_steps = optim.decay_fraction, optim.cooldown_steps
 
     @property
     def end(self) -> int:
-        """The step at which the schedule reaches min_lr."""
+        """The step at which the schedule reaches min_lr (constant without cooldown: its last step)."""
         return self.extensions[-1][1] if self.extensions else self.max_steps
 
     def extend(self, at: int, end: int) -> None:
@@ -180,9 +212,38 @@ class LRSchedule:
         progress = min(1.0, (step - start) / max(1, end - start))
         return self.floor + (top - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def _decay_start(self, start: int, end: int) -> float:
+        """First step of the decay window before ``end`` of a hold that began at ``start`` (wsd,
+        constant); inf for a constant schedule without cooldown."""
+        if self.kind == "wsd":
+            return max(start, end - max(1, round(self.decay_fraction * end)))
+        return max(start, end - self.cooldown_steps) if self.cooldown_steps > 0 else math.inf
+
+    def _hold_then_decay(self, step: int, start: int, top: float, end: int) -> float:
+        begin = self._decay_start(start, end)
+        if step < begin:
+            return top
+        progress = min(1.0, (step - begin) / max(1, end - begin))
+        return self.floor + (top - self.floor) * (1.0 - progress)
+
+    def _piece(self, step: int, extensions: list[list[int]]) -> tuple[int, float, int]:
+        """(start, top, end) of the hold-then-decay piece that ``step`` lies in (wsd, constant)."""
+        start, top, end = self.warmup, 1.0, self.max_steps
+        for at, new_end in extensions:
+            if step < at:
+                break
+            if at > self._decay_start(start, end) or at > self._decay_start(start, new_end):
+                # Decaying or done at ``at`` (or the new window would begin before it): hold
+                # the multiplier reached there until the new window.
+                start, top = at, self._hold_then_decay(at, start, top, end)
+            end = new_end
+        return start, top, end
+
     def value(self, step: int, n_extensions: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
+        if self.kind != "cosine":
+            return self._hold_then_decay(step, *self._piece(step, self.extensions[:n_extensions]))
         if n_extensions == 0:
             return self._cosine(step, self.warmup, self.max_steps, 1.0)
         at, end = self.extensions[n_extensions - 1]
@@ -196,7 +257,7 @@ class LRSchedule:
 
 
 def lr_lambda(optim: OptimSpec) -> LRSchedule:
-    """Multiplier on ``lr`` for optimizer step s (0-based): warmup then cosine to min_lr."""
+    """Multiplier on ``lr`` for optimizer step s (0-based): warmup, then ``optim.schedule``."""
     return LRSchedule(optim)
 
 

@@ -8,6 +8,7 @@ logits the live, distributed model computed when it saved.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import yaml
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import models, storage
 from ptm_dist.config import JobConfig
-from ptm_dist.errors import ExportError
+from ptm_dist.errors import ConfigError, ExportError
+
+SOURCE_STAMP = "ptm_source.json"  # in an export made by hf_model_dir: the checkpoint it came from
 
 # Logit tolerance for the self-check, which runs on CPU. fp32 and bf16 exports hold the weights
 # the live model computed with (bf16 runs are exported in bf16): trained on CPU, only the order
@@ -54,8 +57,13 @@ def export(src: str, out: str) -> dict:
     try:
         cfg = JobConfig.model_validate(yaml.safe_load((local / "job.yaml").read_text()))
         tok = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
-        special = models.SpecialTokens(eos=tok.eos_token_id, pad=tok.pad_token_id, mask=tok.mask_token_id)
-        hf_cfg = models.hf_config(cfg.model.family, cfg.model.size, len(tok), cfg.data.seq_len, special)
+        if (local / ckpt_lib.MODEL_CONFIG).is_file():  # the architecture the run trained
+            from transformers import AutoConfig
+
+            hf_cfg = AutoConfig.from_pretrained(str(local / ckpt_lib.MODEL_CONFIG))
+        else:  # checkpoints written before model_config.json: a registry model
+            special = models.SpecialTokens(eos=tok.eos_token_id, pad=tok.pad_token_id, mask=tok.mask_token_id)
+            hf_cfg = models.hf_config(cfg.model.family, cfg.model.size, len(tok), cfg.data.seq_len, special)
         model = models.build(hf_cfg)
         precision = meta.get("precision", "fp32")
         if precision == "bf16":
@@ -85,3 +93,29 @@ def export(src: str, out: str) -> dict:
     finally:
         storage.drop_local_copy(local, is_tmp)
     return {"checkpoint": ckpt, "out": str(out_dir), "step": meta["step"], "max_abs_logit_diff": diff}
+
+
+def hf_model_dir(src: str, out: str, what: str) -> tuple[str, dict | None]:
+    """(a Hugging Face model directory for ``src``, export()'s result when one was made now).
+
+    ``src`` (a path or URI) is returned as it is when it holds a config.json; a ptm checkpoint,
+    or a ptm run's newest complete one, is exported into the local directory ``out``, unless
+    ``out`` already holds that checkpoint's export. ``what`` starts the error messages (the
+    option or key that named ``src``)."""
+    if not storage.exists(src):
+        raise ConfigError(f"{what}: no such directory")
+    if storage.exists(storage.join(src, "config.json")):
+        return src, None
+    if storage.exists(storage.join(src, ckpt_lib.MARKER)):
+        ckpt = src
+    else:
+        ckpt = ckpt_lib.latest_complete_checkpoint(src)
+    if not ckpt:
+        raise ConfigError(f"{what}: neither a Hugging Face model directory (config.json) nor a "
+                          "ptm run or checkpoint directory with a complete checkpoint")
+    stamp = Path(out) / SOURCE_STAMP
+    if stamp.exists() and json.loads(stamp.read_text()).get("checkpoint") == ckpt:
+        return out, None
+    info = export(ckpt, out)
+    stamp.write_text(json.dumps({"checkpoint": ckpt, "step": info["step"]}) + "\n")
+    return out, info

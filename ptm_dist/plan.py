@@ -46,14 +46,16 @@ class ModelShape:
 
 
 def model_shape(cfg: JobConfig, vocab_size: int) -> ModelShape:
+    from ptm_dist.pretrained import init_config
+
     special = models.SpecialTokens(eos=0, pad=1, mask=2)
-    hf = models.hf_config(cfg.model.family, cfg.model.size, vocab_size, cfg.data.seq_len, special)
+    hf = models.config_for(cfg.model, vocab_size, cfg.data.seq_len, special,
+                           init_config(cfg.model.init) if cfg.model.init else None)
     with torch.device("meta"):
         model = models.build(hf)
     n_all = sum(p.numel() for p in model.parameters())
-    n = models.num_params(model)
-    return ModelShape(n_all, hf.num_hidden_layers, hf.hidden_size, vocab_size,
-                      models.flops_per_token(hf, n, cfg.data.seq_len))
+    return ModelShape(n_all, hf.num_hidden_layers, hf.hidden_size, hf.vocab_size,
+                      models.flops_per_token(hf, models.matmul_params(model), cfg.data.seq_len))
 
 
 def memory_bytes(

@@ -156,7 +156,7 @@ def _pretrain_figures(lines: list[dict], out: Path, figures: list) -> None:
         fig, ax = _figure("Learning-rate schedule", "optimizer step", "learning rate")
         ax.plot(*_series(train, "step", "lr"), lw=1.4)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        _save(fig, out, "lr.png", figures, "Learning rate (warmup, then cosine decay)")
+        _save(fig, out, "lr.png", figures, "Learning rate (warmup, then train.schedule)")
 
     steps, tps = _series(train, "step", "tokens_per_s")
     fig, ax = _figure("Throughput", "optimizer step", "tokens/s (all workers)")

@@ -44,3 +44,7 @@ SIZES: dict[str, dict[str, Size]] = {
 }
 
 CAUSAL_FAMILIES = ("gpt2", "llama")
+
+# Named sizes for any other architecture transformers knows (qwen2, mistral, gemma, ...),
+# written with the standard config names; model.config sets any field on top.
+GENERIC_SIZES: dict[str, Size] = SIZES["llama"]

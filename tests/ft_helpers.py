@@ -34,7 +34,7 @@ def make_start(base: Path) -> dict:
     data = prepare_data(cfg)
     tok = Tokenizer.from_file(str(data.tokenizer_dir / "tokenizer.json"))
     hf = models.hf_config("gpt2", "debug", tok.get_vocab_size(), MAX_LENGTH,
-                          models.SpecialTokens(**special_ids(tok)))
+                          models.SpecialTokens(**special_ids(data.tokenizer_dir, tok)))
     models.build(hf, seed=0).save_pretrained(str(out["model"]))
     for f in data.tokenizer_dir.iterdir():
         shutil.copy2(f, out["model"] / f.name)

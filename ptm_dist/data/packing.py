@@ -3,11 +3,13 @@
     for batch in pack_piece(shard, piece, tokenizer_json, seq_len, eos_id):
         batch["id"], batch["input_ids"]      # int64[n], int32[n, seq_len]
 
-Each piece of a shard (``ptm_dist.data.pieces``) is packed on its own: its documents are joined
-by EOS and cut into ``seq_len`` rows, and the tail shorter than ``seq_len`` is dropped. Every
-packed sequence has an id ``shard << 40 | piece << 24 | index``, the same whether the shard is
-tokenized on the fly or read from token shards (``ptm prepare --tokens``); the data position
-of a run and its sequence log are made of these ids.
+Each piece of a shard (``ptm_dist.data.pieces``) is packed on its own: its documents, each with
+the special tokens its tokenizer puts around a text (a pretrained model's bos, or [CLS] ... [SEP];
+none for ptm's own tokenizers) and then EOS, are joined and cut into ``seq_len`` rows, and the
+tail shorter than ``seq_len`` is dropped. Every packed sequence has an id
+``shard << 40 | piece << 24 | index``, the same whether the shard is tokenized on the fly or read
+from token shards (``ptm prepare --tokens``); the data position of a run and its sequence log are
+made of these ids.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def split_id(seq_id: int) -> tuple[int, int, int]:
 def _tokenizer(tokenizer_json: str):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(tokenizer_json)
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()  # a pretrained tokenizer may carry its own (BERT's: 512 tokens), or padding
+    tok.no_padding()
+    return tok
 
 
 def pack_shard(
@@ -83,11 +88,14 @@ def _pack_text(
     rows: list[np.ndarray] = []
 
     def encode(docs: list[str]) -> np.ndarray:
-        encs = tok.encode_batch_fast(docs, add_special_tokens=False)
+        # The tokenizer's own special tokens around each document (Llama's <s>, BERT's [CLS] ...
+        # [SEP]; none for GPT-2 style and ptm's own), then the end-of-text token unless there.
+        encs = tok.encode_batch_fast(docs, add_special_tokens=True)
         parts = []
         for e in encs:
             parts.append(np.asarray(e.ids, dtype=np.int32))
-            parts.append(np.array([eos_id], dtype=np.int32))
+            if not e.ids or e.ids[-1] != eos_id:
+                parts.append(np.array([eos_id], dtype=np.int32))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
     docs: list[str] = []

@@ -19,7 +19,7 @@ from ptm_dist.config import JobConfig, SourceSection, cache_dir
 from ptm_dist.data.corpus import ensure_builtin_corpus
 from ptm_dist.data.pieces import Piece, plan_pieces
 from ptm_dist.data.sources import Shard, find_shards
-from ptm_dist.data.tokenizer import ensure_tokenizer, special_ids
+from ptm_dist.data.tokenizer import TOKENIZER_FILES, ensure_tokenizer, special_ids
 from ptm_dist.errors import DataError
 
 
@@ -59,7 +59,9 @@ class PreparedData:
     piece_bytes: int = 0
 
     def tokenizer_files(self) -> dict[str, str]:
-        return {p.name: p.read_text() for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()}
+        """The tokenizer's own files (a model directory holds weights too: those stay)."""
+        return {p.name: p.read_text() for p in sorted(self.tokenizer_dir.iterdir())
+                if p.is_file() and p.name in TOKENIZER_FILES}
 
     def staged(self, local_cache: Path, storage_root: str) -> PreparedData:
         """The same data with every shard that lives in this machine's ptm cache (the built-in
@@ -98,7 +100,7 @@ class PreparedData:
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise DataError(f"{self.tokenizer_dir}/tokenizer.json: not a tokenizer ptm can use: {first}") from e
         return WorkerData(tuple(self.train), tuple(self.pieces(cache)), tuple(self.val), tok_json,
-                          self.tokenizer_files(), special_ids(tok), tok.get_vocab_size())
+                          self.tokenizer_files(), special_ids(self.tokenizer_dir, tok), tok.get_vocab_size())
 
 
 def _is_tokens(src: SourceSection) -> bool:
@@ -146,7 +148,9 @@ def _token_set(cfg: JobConfig) -> str | None:
     return path
 
 
-def prepare_data(cfg: JobConfig) -> PreparedData:
+def prepare_data(cfg: JobConfig, model_tokenizer: Path | None = None) -> PreparedData:
+    """The job's shard lists and tokenizer. ``model_tokenizer``: the tokenizer of the model the
+    job starts from (model.init), used unless data.tokenizer.path is set."""
     from ptm_dist.data.tokens import load_index, tokenizer_dir
 
     cache = cache_dir(cfg)
@@ -174,6 +178,8 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
         tok_dir = Path(cfg.data.tokenizer.path).expanduser().resolve()
         if not (tok_dir / "tokenizer.json").is_file():
             raise DataError(f"data.tokenizer.path {tok_dir}: no tokenizer.json there")
+    elif model_tokenizer is not None:
+        tok_dir = model_tokenizer
     else:
         tok_dir = ensure_tokenizer(train, cfg.data.tokenizer.vocab_size, cache, cfg.data.max_bad_shards)
     return PreparedData(train, val, tok_dir, cfg.data.piece_bytes)
@@ -190,6 +196,6 @@ def write_tokens(cfg: JobConfig, data: PreparedData, out: str, progress=None) ->
     tok = Tokenizer.from_str((data.tokenizer_dir / "tokenizer.json").read_text())
     return write_token_dataset(
         out, {"train": data.train, "val": data.val}, data.tokenizer_dir, cfg.data.seq_len,
-        special_ids(tok)["eos"], tok.get_vocab_size(), cfg.data.max_bad_shards,
+        special_ids(data.tokenizer_dir, tok)["eos"], tok.get_vocab_size(), cfg.data.max_bad_shards,
         concurrency=cfg.data.read_concurrency, progress=progress, piece_bytes=cfg.data.piece_bytes,
     )

@@ -18,12 +18,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ptm_dist import storage
 from ptm_dist.data.sources import Shard, find_shard_error, read_documents
+from ptm_dist.errors import DataError
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
 MASK = "<mask>"
 SPECIAL_TOKENS = [EOS, PAD, MASK]
 TRAIN_SAMPLE_BYTES = 64 << 20  # text sampled for tokenizer training
+# The files of a saved Hugging Face tokenizer (fast tokenizers; a model directory holds them
+# next to its weights): what a run copies into its checkpoints.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def tokenizer_key(shards: list[Shard], vocab_size: int) -> str:
@@ -111,9 +116,46 @@ def ensure_tokenizer(shards: list[Shard], vocab_size: int, cache: Path, max_bad_
     return out
 
 
-def special_ids(tok: Tokenizer) -> dict[str, int]:
-    ids = {name: tok.token_to_id(t) for name, t in (("eos", EOS), ("pad", PAD), ("mask", MASK))}
-    missing = [SPECIAL_TOKENS[i] for i, v in enumerate(ids.values()) if v is None]
-    if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}; ptm-dist needs {SPECIAL_TOKENS}")
-    return ids
+# Where a saved tokenizer names its special tokens (transformers writes both; later files win).
+_SPECIAL_FILES = ("special_tokens_map.json", "tokenizer_config.json")
+
+
+def special_tokens(tok_dir: Path) -> dict[str, str]:
+    """The special tokens a saved tokenizer names: {"eos": "</s>", "pad": ..., ...} for eos, bos,
+    pad, mask, sep, cls and unk (read from its JSON files, without transformers)."""
+    names: dict[str, str] = {}
+    for f in _SPECIAL_FILES:
+        p = Path(tok_dir) / f
+        if not p.is_file():
+            continue
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{p}: not readable JSON ({e})") from None
+        for key in ("eos", "bos", "pad", "mask", "sep", "cls", "unk"):
+            value = doc.get(f"{key}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                names[key] = value
+    return names
+
+
+def special_ids(tok_dir: Path, tok: Tokenizer) -> dict[str, int]:
+    """Token ids of the end-of-text token that separates packed documents (the tokenizer's eos,
+    else its sep: [SEP] for BERT-style WordPiece), of the padding token (the tokenizer's pad,
+    else eos: the documented default) and of the mask token (mask, else pad; masked LMs need a
+    real one, which the driver checks with ``has_mask``)."""
+    ids = {k: tok.token_to_id(v) for k, v in special_tokens(tok_dir).items()}
+    ids = {k: v for k, v in ids.items() if v is not None}
+    eos = ids.get("eos", ids.get("sep"))
+    if eos is None:
+        raise DataError(f"{tok_dir}: the tokenizer names no end-of-text token (eos_token or sep_token in "
+                        "tokenizer_config.json); ptm separates packed documents with it")
+    pad = ids.get("pad", eos)
+    return {"eos": eos, "pad": pad, "mask": ids.get("mask", pad)}
+
+
+def has_mask(tok_dir: Path, tok: Tokenizer) -> bool:
+    mask = special_tokens(tok_dir).get("mask")
+    return mask is not None and tok.token_to_id(mask) is not None

@@ -9,7 +9,6 @@ goes, which model it starts from, the task, and the spec the workers receive.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ptm_dist import checkpoint as ckpt_lib
@@ -30,7 +29,7 @@ def require_local_storage(cfg: JobConfig, command: str) -> str:
 
 def resolve_start(cfg: JobConfig, out_dir: str) -> str:
     """A Hugging Face model directory to start from (exported into <out_dir>/base if needed)."""
-    from ptm_dist.export import export
+    from ptm_dist.pretrained import hf_model_dir
     from ptm_dist.train.pretrain import pretrain
 
     init = cfg.finetune.init
@@ -42,26 +41,8 @@ def resolve_start(cfg: JobConfig, out_dir: str) -> str:
             pre.run.resume = True
             src = pretrain(pre)
     else:
-        src = storage.absolute(init)
-        if not storage.exists(src):
-            raise ConfigError(f"finetune.init {init}: no such directory")
-    if storage.exists(storage.join(src, "config.json")):
-        return src
-    if storage.exists(storage.join(src, ckpt_lib.MARKER)):
-        ckpt = src
-    else:
-        ckpt = ckpt_lib.latest_complete_checkpoint(src)
-    if not ckpt:
-        raise ConfigError(f"finetune.init {src}: neither a Hugging Face model directory (config.json) nor a "
-                          "ptm run or checkpoint directory with a complete checkpoint")
-    base = Path(out_dir) / "base"
-    stamp = base / "ptm_source.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("checkpoint") == ckpt:
-        return str(base)
-    info = export(ckpt, str(base))
-    stamp.write_text(json.dumps({"checkpoint": ckpt, "step": info["step"]}) + "\n")
-    print(f"{LOG_PREFIX} start model: {ckpt} (step {info['step']}) exported to {base}", flush=True)
-    return str(base)
+        src = init
+    return hf_model_dir(src, Path(out_dir) / "base", "finetune.init")
 
 
 def prepare_task(cfg: JobConfig, base_dir: str) -> tuple[dict, dict]:

@@ -17,9 +17,10 @@ import torch
 
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import storage
-from ptm_dist.config import JobConfig
+from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.dist import init_single_process
+from ptm_dist.pretrained import check_model, resolve_init
 from ptm_dist.train.loop import Trainer, copy_report, save_checkpoint
 from ptm_dist.train.spec import PretrainSpec
 
@@ -29,8 +30,12 @@ def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer
     init_single_process(device)
     cfg = cfg.model_copy(deep=True)
     cfg.scaling.num_workers = 1
+    start = resolve_init(cfg, cache_dir(cfg))
+    data = prepare_data(cfg, start.tokenizer_dir if start else None)
+    worker_data = data.for_workers()
+    check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
     spec = PretrainSpec(job=cfg, run_dir=storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
-                        data=prepare_data(cfg).for_workers(), use_ray_data=False)
+                        data=worker_data, start=start, use_ray_data=False)
     return Trainer(spec, rank=0, world=1, device=device)
 
 

@@ -41,8 +41,8 @@ from ptm_dist.train.step import (
 )
 
 
-def objective_for(cfg: JobConfig, special: dict, vocab_size: int) -> Objective:
-    if cfg.model.family in models.CAUSAL_FAMILIES:
+def objective_for(cfg: JobConfig, hf_config, special: dict, vocab_size: int) -> Objective:
+    if models.is_causal(hf_config):
         return Objective(causal=True)
     return Objective(
         causal=False, mask_id=special["mask"], vocab_size=vocab_size,
@@ -59,20 +59,27 @@ class Trainer:
         self.rank, self.world, self.device = rank, world, device
         self.run_dir: str = spec.run_dir
         special = data.special
-        self.hf_config = models.hf_config(
-            cfg.model.family, cfg.model.size, data.vocab_size, cfg.data.seq_len,
-            models.SpecialTokens(**special), cfg.model.dropout,
-        )
+        start = spec.start
+        self.hf_config = models.config_for(cfg.model, data.vocab_size, cfg.data.seq_len,
+                                           models.SpecialTokens(**special), start.config if start else None)
         self.engine_spec = EngineSpec.for_pretraining(cfg)
         # ZeRO-3 builds the model partitioned: no rank holds a whole fp32 copy at any time.
         zero3 = (ds_config(self.engine_spec, resolve_precision(cfg.train.precision, device, 3), device.type == "cuda")
                  if cfg.zero.stage == 3 else None)
-        model = models.build(self.hf_config, seed=cfg.run.seed, zero3=zero3)
+        if start is None:
+            model = models.build(self.hf_config, seed=cfg.run.seed, zero3=zero3)
+        else:
+            local, is_tmp = storage.local_copy(start.init_dir)
+            try:
+                model = models.build(self.hf_config, seed=cfg.run.seed, zero3=zero3, init_dir=str(local))
+            finally:
+                storage.drop_local_copy(local, is_tmp)
         self.n_params = models.num_params(model)
-        self.flops_per_token = models.flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
+        self.flops_per_token = models.flops_per_token(self.hf_config, models.matmul_params(model),
+                                                      cfg.data.seq_len)
         self.engine, self.precision = prepare(model, self.engine_spec, device)
         self.clip = manual_clip(self.engine_spec, self.precision)
-        self.obj = objective_for(cfg, special, data.vocab_size)
+        self.obj = objective_for(cfg, self.hf_config, special, data.vocab_size)
         self.stream = SequenceStream(
             list(data.train_shards), data.tokenizer_json, cfg.data.seq_len, special["eos"], cfg.run.seed,
             rank, world, cfg.data.read_concurrency, use_ray=spec.use_ray_data,
@@ -140,6 +147,7 @@ class Trainer:
         logits = self.probe_logits()
         if self.rank == 0:
             (out / "job.yaml").write_text(self.cfg.to_yaml())
+            self.hf_config.to_json_file(str(out / ckpt_lib.MODEL_CONFIG))  # the architecture, for export
             tok_dir = out / "tokenizer"
             tok_dir.mkdir()
             for name, text in self.spec.data.tokenizer_files.items():

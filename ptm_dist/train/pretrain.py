@@ -23,6 +23,7 @@ from ptm_dist import faults, launch, progress, runlogs, storage, tracking
 from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
+from ptm_dist.pretrained import check_model, resolve_init
 from ptm_dist.tracking import read_metrics
 
 
@@ -34,10 +35,12 @@ def pretrain(cfg: JobConfig) -> str:
     launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     # Before Ray starts: a missing path, an unknown format or an unreadable tokenizer is an
     # error in seconds. (A tokenizer still to train samples the shards in this process.)
-    data = prepare_data(cfg)
+    start = resolve_init(cfg, cache_dir(cfg), cluster=launch.joins_cluster())
+    data = prepare_data(cfg, start.tokenizer_dir if start else None)
     if launch.joins_cluster():  # other nodes cannot read this machine's cache
         data = data.staged(cache_dir(cfg), storage.absolute(cfg.run.storage))
     worker_data = data.for_workers(cache=run_dir)
+    check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
@@ -46,8 +49,9 @@ def pretrain(cfg: JobConfig) -> str:
         if end != cfg.train.max_steps:
             progress.print_line(
                 f"[ptm] train.max_steps {end} -> {cfg.train.max_steps}: from {newest} the learning rate "
-                f"continues from its value there and follows half a cosine to train.min_lr at step "
-                f"{cfg.train.max_steps}")
+                f"continues from its value there without a jump (train.schedule {cfg.train.schedule})"
+                + ("" if cfg.train.schedule == "constant" and not cfg.train.cooldown_steps
+                   else f" and reaches train.min_lr at step {cfg.train.max_steps}"))
     if data_changed:
         progress.print_line(f"[ptm] warning: {newest} was trained on other data (run.allow_data_change): "
                             "its weights continue on the new data, from the start of the new shard list")
@@ -55,12 +59,12 @@ def pretrain(cfg: JobConfig) -> str:
           f"{len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}", flush=True)
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        _train(cfg, run_dir, worker_data, logs)
+        _train(cfg, run_dir, worker_data, logs, start)
     print_summary(run_dir, time.time() - t0, logs.where)
     return run_dir
 
 
-def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> None:
+def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None) -> None:
     import ray
     import ray.train
 
@@ -76,7 +80,8 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> 
         if launch.joins_cluster():
             n = launch.PREFLIGHT_SHARDS
             sample = (*worker_data.train_shards[:n], *worker_data.val_shards[:n])
-            launch.preflight_nodes(run_dir, [s.uri for s in sample])
+            paths = [s.uri for s in sample] + ([storage.join(start.init_dir, "config.json")] if start else [])
+            launch.preflight_nodes(run_dir, paths)
         storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
         launch.forget_ray_checkpoint_index(run_dir)
         resume_from = ckpt_lib.latest_complete_checkpoint(run_dir)
@@ -88,9 +93,9 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs) -> 
         board = None
         if progress.use_bar():
             board = progress.start_board()
-            start = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
-            follower = progress.BoardFollower(board, cfg.train.max_steps, start)
-        spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, faults=faults.for_workers(),
+            first_step = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
+            follower = progress.BoardFollower(board, cfg.train.max_steps, first_step)
+        spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, start=start, faults=faults.for_workers(),
                             progress_board=board)
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),

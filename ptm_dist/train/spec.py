@@ -14,6 +14,7 @@ from typing import Any
 
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import WorkerData
+from ptm_dist.pretrained import ModelStart
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PretrainSpec:
     job: JobConfig
     run_dir: str  # <run.storage>/<run.name>: local path or URI
     data: WorkerData
+    start: ModelStart | None = None  # model.init resolved: the weights to start from
     faults: dict[str, str] = field(default_factory=dict)  # PTM_FAULT settings (tests)
     progress_board: Any = None  # a progress.Board actor handle when the driver draws a live bar
     use_ray_data: bool = True  # False: pack shards in the worker's own process (no Ray)

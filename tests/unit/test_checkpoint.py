@@ -213,3 +213,44 @@ def test_check_resume_refuses_a_new_schedule_and_other_data_unless_allowed(tmp_p
     assert ck.check_resume(str(d), job, tok, False) is False  # data not checked
     with pytest.raises(ConfigError, match=r"train.max_steps: 100 -> 200"):  # its schedule is not saved
         ck.check_resume(str(d), load(None, ["train.max_steps=200"]).to_dict(), data, False)
+
+
+def test_check_resume_refuses_another_schedule_kind_or_its_decay_and_reads_old_jobs_as_cosine(tmp_path):
+    """train.schedule may not change on resume, nor the key that shapes the kind's decay
+    (decay_fraction for wsd, cooldown_steps for constant): the checkpoint's saved schedule
+    would otherwise jump or silently keep the old value. Another kind's key may change. A job
+    written before train.schedule existed was cosine."""
+    data = {"tokenizer_sha256": "a" * 64, "shards_sha256": "b" * 64, "shards": 3, "vocab_size": 512}
+
+    def checkpoint(job: dict):
+        d = tmp_path / ck.checkpoint_name(50)
+        d.mkdir(exist_ok=True)
+        (d / "job.yaml").write_text(yaml.safe_dump(job))
+        ck.mark_complete(str(d), {"step": 50, "data": data, "lr_schedule_end": 100})
+        return str(d)
+
+    def resume(d: str, *sets: str):
+        return ck.check_resume(d, load(None, ["train.max_steps=100", *sets]).to_dict(), data, False)
+
+    wsd = checkpoint(load(None, ["train.max_steps=100", "train.schedule=wsd"]).to_dict())
+    assert resume(wsd, "train.schedule=wsd", "train.max_steps=300") is False  # extending is fine
+    with pytest.raises(ConfigError) as e:
+        resume(wsd)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "schedule (train.schedule: 'wsd' -> 'cosine')" in msg, msg
+    with pytest.raises(ConfigError, match=r"\(train.decay_fraction: 0.2 -> 0.1\)"):
+        resume(wsd, "train.schedule=wsd", "train.decay_fraction=0.1")
+    constant = checkpoint(load(None, ["train.max_steps=100", "train.schedule=constant",
+                                      "train.cooldown_steps=10"]).to_dict())
+    with pytest.raises(ConfigError, match=r"\(train.cooldown_steps: 10 -> 0\)"):
+        resume(constant, "train.schedule=constant")
+    assert resume(constant, "train.schedule=constant", "train.cooldown_steps=10", "train.decay_fraction=0.5") is False
+    cosine = checkpoint(load(None, ["train.max_steps=100"]).to_dict())
+    assert resume(cosine, "train.decay_fraction=0.5") is False  # not a key of the cosine schedule
+    old = load(None, ["train.max_steps=100"]).to_dict()
+    for key in ("schedule", "decay_fraction", "cooldown_steps"):
+        del old["train"][key]
+    before = checkpoint(old)
+    assert resume(before) is False
+    with pytest.raises(ConfigError, match=r"\(train.schedule: 'cosine' -> 'constant'\)"):
+        resume(before, "train.schedule=constant")

@@ -110,6 +110,27 @@ def test_tune_section_errors(overrides, expected):
         load(None, overrides)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.schedule=linear"], "train.schedule = 'linear'"),
+    (["train.schedule=wsd", "train.decay_fraction=0"], "train.decay_fraction = 0"),
+    (["train.schedule=wsd", "train.decay_fraction=1.5"], "train.decay_fraction = 1.5"),
+    (["train.cooldown_steps=-1"], "train.cooldown_steps = -1"),
+    (["train.schedule=wsd", "train.cooldown_steps=10"], "train.cooldown_steps 10 applies to train.schedule constant"),
+    (["train.schedule=constant", "train.cooldown_steps=600"], "cooldown_steps 600 must not exceed train.max_steps 500"),
+])
+def test_schedule_errors(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load(None, overrides)
+
+
+def test_schedules_load():
+    assert load(None, []).train.schedule == "cosine"
+    t = load(None, ["train.schedule=wsd", "train.decay_fraction=1"]).train
+    assert (t.schedule, t.decay_fraction, t.cooldown_steps) == ("wsd", 1.0, 0)
+    t = load(None, ["train.schedule=constant", "train.cooldown_steps=500"]).train
+    assert (t.schedule, t.cooldown_steps) == ("constant", 500)
+
+
 HEAVY = ("torch", "transformers", "deepspeed", "ray")
 
 

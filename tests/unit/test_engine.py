@@ -1,6 +1,7 @@
-"""ptm_dist.engine without DeepSpeed running: the LR schedule against its closed form at every
-step, the DeepSpeed config for the precisions, ZeRO stages and offloads the code defines, the
-optimizer's weight-decay split, and precision resolution."""
+"""ptm_dist.engine: the LR schedules (cosine, wsd, constant) against references written out here
+at every step, extended on resume without a jump (also through a real DeepSpeed engine's
+checkpoint, on CPU), the DeepSpeed config for the precisions, ZeRO stages and offloads the code
+defines, the optimizer's weight-decay split, and precision resolution."""
 
 from __future__ import annotations
 
@@ -210,3 +211,278 @@ def test_param_groups_use_the_full_shape_of_zero3_partitioned_parameters():
     model.w, model.b = matrix, bias
     decay, no_decay = param_groups(model, 0.1)
     assert decay["params"] == [matrix] and no_decay["params"] == [bias]
+
+
+# ---------------------------------------------------------------- wsd and constant schedules
+# References written out here from the schedules' description (README, config field docs):
+# linear warmup (step+1)/warmup of lr; wsd holds lr until its last round(fraction x max_steps)
+# steps (at least 1, never inside the warmup), constant until its last cooldown_steps (0: never);
+# then a straight line from lr at the window's first step to min_lr at max_steps, min_lr after.
+
+
+def hold_then_line(step: int, top: float, first: int, end: int, min_lr: float) -> float:
+    """``top`` before step ``first``, then linear from ``top`` at ``first`` to ``min_lr`` at ``end``."""
+    if step <= first:
+        return top
+    if step >= end:
+        return min_lr
+    return top - (top - min_lr) * (step - first) / (end - first)
+
+
+def reference_wsd(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, fraction: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    first = max(warmup, max_steps - max(1, round(fraction * max_steps)))
+    return hold_then_line(step, lr, first, max_steps, min_lr)
+
+
+def reference_constant(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, cooldown: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if cooldown == 0:
+        return lr
+    return hold_then_line(step, lr, max(warmup, max_steps - cooldown), max_steps, min_lr)
+
+
+def lrs_of_a_real_scheduler(o: OptimSpec, steps: int) -> list[float]:
+    """The lr of each optimizer step, from the scheduler built on a real optimizer."""
+    opt = build_optimizer(torch.nn.Linear(3, 2), o, CPU)
+    sched = build_scheduler(opt, o)
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("warmup,max_steps,fraction", [
+    (4, 20, 0.2),    # 4 decay steps: 16-20
+    (4, 20, 0.25),   # 5: 15-20
+    (0, 10, 0.5),    # no warmup
+    (2, 50, 0.1),
+    (3, 4, 1.0),     # the whole run decays: the window begins where warmup ends
+    (5, 7, 0.01),    # round() gives 0: at least one step decays
+    (10, 100, 0.15),
+])
+def test_wsd_schedule_is_the_reference_at_every_step(warmup, max_steps, fraction):
+    o = optim(warmup, max_steps, schedule="wsd", decay_fraction=fraction)
+    steps = range(max_steps + 6)  # past max_steps too: it stays at min_lr
+    want = [reference_wsd(s, o.lr, o.min_lr, warmup, max_steps, fraction) for s in steps]
+    f = lr_lambda(o)
+    # rel=1e-12: float rounding between two formulas of the same value
+    assert [o.lr * f(s) for s in steps] == pytest.approx(want, rel=1e-12)
+    assert lrs_of_a_real_scheduler(o, len(steps)) == pytest.approx(want, rel=1e-12)
+    assert o.lr * f(max_steps) == pytest.approx(o.min_lr, rel=1e-12) and max(want) == pytest.approx(o.lr)
+
+
+def test_wsd_landmarks():
+    o = optim(4, 20, schedule="wsd", decay_fraction=0.25)  # warmup 0-3, stable 4-15, decay 15-20
+    f = lr_lambda(o)
+    assert f(0) == pytest.approx(0.25) and f(3) == 1.0 and f(4) == 1.0 and f(15) == 1.0
+    assert o.lr * f(16) == pytest.approx(o.lr - (o.lr - o.min_lr) / 5, rel=1e-12)
+    assert o.lr * f(20) == pytest.approx(o.min_lr, rel=1e-12) and o.lr * f(1000) == pytest.approx(o.min_lr)
+
+
+@pytest.mark.parametrize("warmup,max_steps,cooldown", [(4, 20, 0), (4, 20, 5), (0, 10, 10), (3, 6, 6), (2, 30, 1)])
+def test_constant_schedule_is_the_reference_at_every_step(warmup, max_steps, cooldown):
+    o = optim(warmup, max_steps, schedule="constant", cooldown_steps=cooldown)
+    steps = range(max_steps + 6)
+    want = [reference_constant(s, o.lr, o.min_lr, warmup, max_steps, cooldown) for s in steps]
+    f = lr_lambda(o)
+    assert [o.lr * f(s) for s in steps] == pytest.approx(want, rel=1e-12)
+    assert lrs_of_a_real_scheduler(o, len(steps)) == pytest.approx(want, rel=1e-12)
+    assert o.lr * f(max_steps + 5) == pytest.approx(o.min_lr if cooldown else o.lr, rel=1e-12)
+
+
+def test_the_default_schedule_is_the_cosine_one_bit_for_bit():
+    """OptimSpec's and the job's default is cosine, and a cosine schedule with the new fields set
+    to anything gives exactly (==) the closed form's values as before."""
+    assert optim(4, 20).schedule == "cosine" and load(None, []).train.schedule == "cosine"
+    plain = lr_lambda(optim(4, 20))
+    other = lr_lambda(optim(4, 20, decay_fraction=0.7, cooldown_steps=3))
+    assert [plain(s) for s in range(30)] == [other(s) for s in range(30)]
+    assert [optim(4, 20).lr * plain(s) for s in range(30)] == pytest.approx(
+        [closed_form_lr(s, optim(4, 20)) for s in range(30)], rel=1e-12)
+
+
+def extended(o: OptimSpec, *extensions: tuple[int, int]) -> list[float]:
+    """lr at steps 0 .. the last end + 5 of ``o``'s schedule extended at (at, end) in order,
+    each extension made after its state dict went through a fresh scheduler (as a resume does):
+    the values at steps before an extension's ``at`` are those before it."""
+    opt = build_optimizer(torch.nn.Linear(3, 2), o, CPU)
+    sched = build_scheduler(opt, o)
+    for at, end in extensions:
+        fresh = build_scheduler(build_optimizer(torch.nn.Linear(3, 2), o, CPU), o)
+        fresh.load_state_dict(sched.state_dict())
+        before = [lr_schedule_of(fresh)(s) for s in range(at + 1)]
+        lr_schedule_of(fresh).extend(at, end)
+        assert [lr_schedule_of(fresh)(s) for s in range(at + 1)] == pytest.approx(before, rel=1e-12)
+        sched = fresh
+    f = lr_schedule_of(sched)
+    return [o.lr * f(s) for s in range(extensions[-1][1] + 6)]
+
+
+def assert_no_jump(lrs: list[float], o: OptimSpec) -> None:
+    """After warmup, no step changes the lr by more than the unextended schedule's steepest step."""
+    plain = lr_lambda(o)
+    steepest = max(abs(o.lr * (plain(s + 1) - plain(s))) for s in range(o.warmup_steps, o.max_steps + 1))
+    changes = [abs(b - a) for a, b in zip(lrs[o.warmup_steps:], lrs[o.warmup_steps + 1:])]
+    assert max(changes) <= steepest * (1 + 1e-9), (max(changes), steepest)
+
+
+def test_a_wsd_run_extended_in_its_stable_phase_moves_its_decay_to_the_new_end():
+    """20 steps (warmup 4, decay over the last 5: from 15) extended at step 10 to 40: the plain
+    wsd schedule of 40 steps (decay over the last 10: from 30), so it reaches min_lr at 40."""
+    o = optim(4, 20, schedule="wsd", decay_fraction=0.25)
+    lrs = extended(o, (10, 40))
+    want = [reference_wsd(s, o.lr, o.min_lr, 4, 40, 0.25) for s in range(46)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert lrs[10] == o.lr and lrs[29] == o.lr and lrs[40] == pytest.approx(o.min_lr, rel=1e-12)
+    assert_no_jump(lrs, o)
+    # raised during warmup (at 2): the plain schedule with the new end as well
+    assert extended(o, (2, 40)) == pytest.approx(want, rel=1e-12)
+    # raised at the stable phase's last step (15: the decay's first step, still at the peak)
+    assert extended(o, (15, 40)) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_wsd_run_extended_while_decaying_holds_its_lr_then_decays_to_the_new_end():
+    """Extended at step 17, two steps into its decay (15-20): no re-warmup; the lr it had at 17
+    stays until the new end's decay window (the last 10 of 40 steps: from 30), then goes down a
+    straight line to min_lr at 40. Then extended again at 35 (in that window) to 60: the lr at 35
+    stays until 60's window (from 45) and goes down to min_lr at 60."""
+    o = optim(4, 20, schedule="wsd", decay_fraction=0.25)
+    at17 = reference_wsd(17, o.lr, o.min_lr, 4, 20, 0.25)
+    first = [reference_wsd(s, o.lr, o.min_lr, 4, 20, 0.25) if s < 17 else hold_then_line(s, at17, 30, 40, o.min_lr)
+             for s in range(46)]
+    lrs = extended(o, (17, 40))
+    assert lrs == pytest.approx(first, rel=1e-12)
+    assert lrs[17] == pytest.approx(at17, rel=1e-12) and lrs[30] == pytest.approx(at17, rel=1e-12)
+    assert lrs[40] == pytest.approx(o.min_lr, rel=1e-12)
+    assert_no_jump(lrs, o)
+    at35 = first[35]
+    chained = extended(o, (17, 40), (35, 60))
+    assert chained == pytest.approx(first[:35] + [hold_then_line(s, at35, 45, 60, o.min_lr) for s in range(35, 66)],
+                                    rel=1e-12)
+    assert chained[60] == pytest.approx(o.min_lr, rel=1e-12)
+    assert_no_jump(chained, o)
+    # resumed from a finished run: it stays at min_lr
+    finished = extended(o, (20, 40))
+    assert finished[:20] == pytest.approx(first[:17] + [reference_wsd(s, o.lr, o.min_lr, 4, 20, 0.25)
+                                                        for s in range(17, 20)], rel=1e-12)
+    assert finished[20:] == pytest.approx([o.min_lr] * 26, rel=1e-12)
+
+
+def test_a_shortened_wsd_run_whose_new_window_began_before_the_resume_decays_from_there():
+    """max_steps lowered from 100 to 60 at step 55 (stable until 80 before; 60's window would
+    begin at 48): from 55 a straight line from the peak to min_lr at 60, no jump at 55."""
+    o = optim(4, 100, schedule="wsd", decay_fraction=0.2)
+    lrs = extended(o, (55, 60))
+    assert lrs[:56] == pytest.approx([reference_wsd(s, o.lr, o.min_lr, 4, 100, 0.2) for s in range(56)], rel=1e-12)
+    assert lrs[55:] == pytest.approx([hold_then_line(s, o.lr, 55, 60, o.min_lr) for s in range(55, 66)], rel=1e-12)
+
+
+def test_a_constant_run_extended_moves_its_cooldown_and_holds_the_lr_it_reached_in_one():
+    o = optim(4, 20, schedule="constant", cooldown_steps=5)  # cooldown 15-20
+    ref = [reference_constant(s, o.lr, o.min_lr, 4, 40, 5) for s in range(46)]
+    stable = extended(o, (10, 40))
+    assert stable == pytest.approx(ref, rel=1e-12) and stable[40] == pytest.approx(o.min_lr, rel=1e-12)
+    assert_no_jump(stable, o)
+    at18 = reference_constant(18, o.lr, o.min_lr, 4, 20, 5)
+    cooling = extended(o, (18, 40))
+    assert cooling == pytest.approx([reference_constant(s, o.lr, o.min_lr, 4, 20, 5) if s < 18
+                                     else hold_then_line(s, at18, 35, 40, o.min_lr) for s in range(46)], rel=1e-12)
+    assert cooling[40] == pytest.approx(o.min_lr, rel=1e-12)
+    assert_no_jump(cooling, o)
+    # without a cooldown it never decays: extended, it stays at the peak
+    none = optim(4, 20, schedule="constant")
+    assert extended(none, (10, 40)) == pytest.approx([reference_constant(s, o.lr, o.min_lr, 4, 40, 0)
+                                                      for s in range(46)], rel=1e-12)
+
+
+def test_a_schedule_state_saved_before_the_kinds_existed_loads_as_cosine():
+    """A LambdaLR state from before train.schedule (no kind, decay_fraction or cooldown_steps
+    in the schedule's fields) loaded into the scheduler a resume builds (cosine: check_resume
+    refuses anything else for such a checkpoint) gives the old values exactly."""
+    o = optim(4, 20)
+    sched = build_scheduler(build_optimizer(torch.nn.Linear(3, 2), o, CPU), o)
+    lr_schedule_of(sched).extend(10, 40)
+    state = sched.state_dict()
+    state["lr_lambdas"] = [{k: v for k, v in state["lr_lambdas"][0].items()
+                            if k in ("floor", "warmup", "max_steps", "extensions")}]
+    fresh = build_scheduler(build_optimizer(torch.nn.Linear(3, 2), optim(4, 40), CPU), optim(4, 40))
+    fresh.load_state_dict(state)
+    assert [lr_schedule_of(fresh)(s) for s in range(50)] == [lr_schedule_of(sched)(s) for s in range(50)]
+    assert lr_schedule_of(fresh).kind == "cosine" and lr_schedule_of(fresh).end == 40
+
+
+def test_engine_spec_carries_the_schedule():
+    cfg = load(None, ["train.schedule=constant", "train.cooldown_steps=50"])
+    o = EngineSpec.for_pretraining(cfg).optim
+    assert (o.schedule, o.cooldown_steps, o.decay_fraction) == ("constant", 50, 0.2)
+    o = EngineSpec.for_pretraining(load(None, ["train.schedule=wsd", "train.decay_fraction=0.1"])).optim
+    assert (o.schedule, o.decay_fraction) == ("wsd", 0.1)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_lambda(optim(4, 20, schedule="linear"))
+
+
+@pytest.fixture
+def process_group():
+    """A gloo group of one for DeepSpeed engines (removed afterwards if this test made it)."""
+    import torch.distributed as dist
+
+    from ptm_dist.dist import init_single_process
+
+    made = not dist.is_initialized()
+    init_single_process(CPU)
+    yield
+    if made:
+        dist.destroy_process_group()
+
+
+def test_a_deepspeed_engine_checkpoint_of_a_wsd_run_resumes_and_extends_without_a_jump(tmp_path, process_group):
+    """A real DeepSpeed engine (ZeRO stage 0, fp32, CPU) trains a 12-step wsd schedule (warmup
+    2, decay over the last 3: from 9) and saves at steps 6 (stable) and 10 (decaying). Engines
+    built from a job with train.max_steps 20 load each checkpoint and extend the saved schedule
+    as Trainer.restore does; the lr they train with follows the references, and a resume with
+    the same max_steps trains with exactly (==) the uninterrupted run's lrs."""
+    from ptm_dist.engine import lr_schedule, prepare
+
+    def engine(max_steps: int):
+        torch.manual_seed(0)
+        o = optim(2, max_steps, schedule="wsd", decay_fraction=0.25, micro_batch=2)
+        return prepare(torch.nn.Linear(4, 1), EngineSpec(o, zero_stage=0, precision="fp32"), CPU)[0]
+
+    def train(e, start: int, stop: int, save: tuple[int, ...] = ()) -> list[float]:
+        lrs = []
+        for step in range(start, stop):
+            lrs.append(e.get_lr()[0])  # this step's (the schedule moves on inside e.step)
+            e.backward(e(torch.ones(2, 4)).sum())
+            e.step()
+            if step + 1 in save:
+                e.save_checkpoint(str(tmp_path / f"c{step + 1}"), tag="ds", save_latest=False)
+        return lrs
+
+    def resume(at: int, max_steps: int):
+        e = engine(max_steps)
+        path, _ = e.load_checkpoint(str(tmp_path / f"c{at}"), tag="ds", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        assert path is not None
+        schedule = lr_schedule(e)  # as loop.Trainer.restore: extended when train.max_steps moved
+        if schedule.end != max_steps and max_steps > at:
+            schedule.extend(at, max_steps)
+        return e
+
+    o = optim(2, 12, schedule="wsd", decay_fraction=0.25)
+    full = train(engine(12), 0, 12, save=(6, 10))
+    assert full == pytest.approx([reference_wsd(s, o.lr, o.min_lr, 2, 12, 0.25) for s in range(12)], rel=1e-12)
+    assert train(resume(6, 12), 6, 12) == full[6:]  # resume is exact
+    from_stable = train(resume(6, 20), 6, 20)
+    assert full[:6] + from_stable == pytest.approx([reference_wsd(s, o.lr, o.min_lr, 2, 20, 0.25)
+                                                    for s in range(20)], rel=1e-12)
+    at10 = full[10]
+    from_decay = train(resume(10, 20), 10, 20)  # 20's window: the last 5 steps, from 15
+    assert from_decay == pytest.approx([hold_then_line(s, at10, 15, 20, o.min_lr) for s in range(10, 20)],
+                                       rel=1e-12)
+    for lrs in (full[:6] + from_stable, full[:10] + from_decay):
+        assert_no_jump(lrs + [o.min_lr], o)  # and on to min_lr at step 20

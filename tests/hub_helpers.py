@@ -1,0 +1,111 @@
+"""Small "hub" model directories built locally, as a download would leave them: a random
+debug-size model saved with ``save_pretrained`` next to a tokenizer of its own kind, trained on
+local text (no model hub is reachable from the test machines).
+
+    make_hub_model(tmp_path / "llama", "llama")  # -> the directory
+
+Tokenizer kinds, as the real families ship them:
+- ``bytelevel``: GPT-2 / Qwen2 style byte-level BPE whose only special token is ``<|endoftext|>``
+  (eos = bos = unk, no pad);
+- ``llama``: SentencePiece-style BPE (Metaspace) with ``<unk>``, ``<s>``, ``</s>``, no pad, and a
+  post-processor that puts ``<s>`` before every text;
+- ``wordpiece``: BERT style, ``[CLS] text [SEP]`` with ``[PAD]``, ``[MASK]``, ``[UNK]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+# Text of its own (not the built-in corpus), varied enough for a few hundred tokens.
+HUB_TEXT = [
+    f"The {a} {b} of the {c} was {d} in {n} ways."
+    for n, (a, b, c, d) in enumerate(
+        (a, b, c, d)
+        for a in ("first", "second", "last", "small", "large")
+        for b in ("river", "mountain", "city", "garden", "library", "harbor")
+        for c in ("north", "south", "old town", "valley")
+        for d in ("quiet", "bright", "famous", "hidden")
+    )
+]
+
+KINDS = {  # family -> (tokenizer kind, model config kwargs, vocabulary padding of the model)
+    "gpt2": ("bytelevel", {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}, 0),
+    "qwen2": ("bytelevel", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256,
+                            "tie_word_embeddings": True}, 0),
+    "llama": ("llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256,
+                        "tie_word_embeddings": False}, 64),
+    "mistral": ("llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256,
+                          "head_dim": 8}, 64),
+    "bert": ("wordpiece", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "intermediate_size": 64, "max_position_embeddings": 256}, 0),
+}
+
+
+def make_tokenizer(kind: str, out: Path, vocab_size: int = 400) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(HUB_TEXT, trainer=trainer)
+        names = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    elif kind == "llama":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                      show_progress=False)
+        tok.train_from_iterator(HUB_TEXT, trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(HUB_TEXT, trainer=trainer)
+        tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                       ("[CLS]", tok.token_to_id("[CLS]")))
+        names = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+                 "unk_token": "[UNK]"}
+    else:
+        raise ValueError(kind)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(str(out))
+
+
+def make_hub_model(out: Path, family: str) -> Path:
+    """A random debug-size ``family`` model and its tokenizer saved in ``out`` (built once). Each
+    family has its own seed (llama and mistral have the same shapes and math here)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    kind, kwargs, pad_to = KINDS[family]
+    make_tokenizer(kind, out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    n = tok.get_vocab_size()
+    vocab = -(-n // pad_to) * pad_to if pad_to else n  # real models often round their vocabulary up
+    ids = {}
+    for key, name in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "[PAD]")):
+        if tok.token_to_id(name) is not None:
+            ids[key] = tok.token_to_id(name)
+    if kind == "bytelevel":
+        ids = {"bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": tok.token_to_id("<|endoftext|>")}
+    config = AutoConfig.for_model(family, vocab_size=vocab, **kwargs, **ids)
+    torch.manual_seed(list(KINDS).index(family))
+    cls = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    cls.from_config(config).save_pretrained(str(out))
+    return out
