@@ -49,6 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the newest complete checkpoint of a run (or a given checkpoint).")
     p.add_argument("src", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser("generate", help="sample continuations of a prompt from a model, streamed",
+                       description="Sample continuations of a prompt with transformers' generate and stream them "
+                       "here. SRC: a ptm run or checkpoint directory (exported first) or a Hugging Face model "
+                       "directory, local or a URI. The same --seed gives the same text; GPU when there is one.")
+    p.add_argument("src", help="run, checkpoint or Hugging Face model directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="many prompts: one per non-empty line")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only (default: off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the likeliest tokens up to this mass (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; each prompt starts from it (default 0)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the libraries' output while the model is exported and loaded")
     p = sub.add_parser("bench", help="benchmarks printed side by side with their baselines",
                        description="ptm bench train: this system against a plain PyTorch loop.")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -199,6 +215,15 @@ def cmd_export(args) -> None:
     print(f"out: {info['out']}")
 
 
+def cmd_generate(args) -> None:
+    from ptm_dist.generate import Sampling, generate, read_prompts
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, num_samples=args.num_samples)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    generate(args.src, prompts, sampling, out=sys.stdout)
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -336,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):
         os.environ["PTM_VERBOSE"] = "1"
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
-               "prepare": cmd_prepare, "export": cmd_export,
+               "prepare": cmd_prepare, "export": cmd_export, "generate": cmd_generate,
                "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
                "jobs": cmd_jobs}[args.command]
     ray_was_up = _ray_is_up()

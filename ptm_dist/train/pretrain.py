@@ -60,7 +60,10 @@ def pretrain(cfg: JobConfig) -> str:
           f"tokenizer {data.tokenizer_dir}", flush=True)
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
         _train(cfg, run_dir, worker_data, logs, start)
-    print_summary(run_dir, time.time() - t0, logs.where)
+        from ptm_dist.generate import summary_sample
+
+        sample = summary_sample(run_dir)  # inside RunLogs: what the libraries print goes to the logs
+    print_summary(run_dir, time.time() - t0, logs.where, sample)
     return run_dir
 
 
@@ -145,7 +148,7 @@ def summarize(run_dir: str) -> dict:
     return out
 
 
-def print_summary(run_dir: str, seconds: float, logs: str | None = None) -> None:
+def print_summary(run_dir: str, seconds: float, logs: str | None = None, sample: str | None = None) -> None:
     s = summarize(run_dir)
     print("\n== ptm pretrain summary ==")
     if "step" in s:
@@ -156,6 +159,8 @@ def print_summary(run_dir: str, seconds: float, logs: str | None = None) -> None
         print(f"eval loss: {s['first_eval_loss']:.4f} (first) -> {s['eval_loss']:.4f} (last), "
               f"{ratio:.0%} of the first")
     print(f"checkpoint: {s['checkpoint']}")
+    if sample:
+        print(sample)
     wandb_line = tracking.summary_line(run_dir)
     if wandb_line:
         print(wandb_line)

@@ -30,7 +30,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "ptm_dist.train.spec", "ptm_dist.finetune.task", "ptm_dist.finetune.worker"),
     4: ("ptm_dist.train.loop", "ptm_dist.train.local", "ptm_dist.train.pretrain", "ptm_dist.finetune.driver",
         "ptm_dist.finetune.run", "ptm_dist.finetune.sweep", "ptm_dist.bench", "ptm_dist.bench_init",
-        "ptm_dist.submit"),
+        "ptm_dist.submit", "ptm_dist.generate"),
     5: ("ptm_dist.pipeline",),
     6: ("ptm_dist.cli",),
 }
