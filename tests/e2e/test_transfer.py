@@ -150,3 +150,73 @@ def test_continued_pretraining_through_ray_train(family, stage, hub, corpus, tmp
         str(hub[family])).config.vocab_size
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok("a small garden", add_special_tokens=False)["input_ids"]) == "a small garden"
+
+
+def write_package_docs_corpus(root: Path) -> Path:
+    """Another domain than the built-in corpus (Python's own docs): the long descriptions of the
+    installed packages (their METADATA bodies: READMEs in markdown or reST), one document per
+    paragraph, a tenth of the packages (by a hash of their name) held out."""
+    import hashlib
+    from importlib import metadata
+
+    docs: dict[str, list[str]] = {"train": [], "val": []}
+    for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+        body = (dist.read_text("METADATA") or "").split("\n\n", 1)[-1]
+        if len(body) < 2000:
+            continue
+        split = "val" if int(hashlib.md5(dist.metadata["Name"].encode()).hexdigest(), 16) % 10 == 0 else "train"
+        docs[split] += [p for p in body.split("\n\n") if len(p) > 40]
+    for split, texts in docs.items():
+        assert len(texts) > 100, (split, len(texts))
+        (root / split).mkdir(parents=True)
+        (root / split / "0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return root
+
+
+_FROM_SCRATCH = """
+import json, sys
+sys.path[:0] = [{tests!r}, {e2e!r}]
+from pathlib import Path
+from conftest import debug_job
+from ptm_dist.export import export
+from ptm_dist.train.local import local_trainer
+from ptm_dist.train.loop import copy_report, save_checkpoint
+tmp = Path({tmp!r})
+one = ["scaling.num_workers=1", "zero.stage=1"]
+
+def train(cfg, steps):
+    tr = local_trainer(cfg)
+    first, it = tr.evaluate(), iter(tr.stream)
+    for _ in range(steps):
+        tr.train_one_step(it)
+    return tr, first, tr.evaluate()
+
+source, _, _ = train(debug_job(tmp, "run.name=source", "train.max_steps=60", *one), 60)  # the built-in corpus
+save_checkpoint(source, None, report=copy_report)
+init = export(source.run_dir, str(tmp / "source-hf"))["out"]
+out = {{}}
+for name, start in (("continued", f"model.init={{init}}"), ("scratch", f"data.tokenizer.path={{init}}")):
+    _, first, last = train(debug_job(tmp, f"run.name={{name}}", start, "train.max_steps=24", *one,
+                                     *json.loads({sets!r})), 24)
+    out[name] = [first, last]
+print(json.dumps(out))
+"""
+
+
+def test_continued_pretraining_beats_training_from_scratch(tmp_path):
+    """A debug model pretrained by ptm (60 steps on the built-in corpus, one process) and exported,
+    continued for 24 steps on another domain (installed packages' READMEs), against the same
+    architecture and tokenizer from random weights for the same 24 steps on the same text: the
+    continued model ends with the lower held-out loss. (Measured with the default job's model,
+    500 steps, continued 200: README, Continued pretraining.)"""
+    corpus = write_package_docs_corpus(tmp_path / "corpus")
+    script = _FROM_SCRATCH.format(tests=str(TESTS), e2e=str(TESTS / "e2e"), tmp=str(tmp_path),
+                                  sets=json.dumps(corpus_sets(corpus)))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"eval loss on package READMEs, 24 steps: continued {r['continued'][0]:.4f} -> {r['continued'][1]:.4f}, "
+          f"from scratch {r['scratch'][0]:.4f} -> {r['scratch'][1]:.4f}")
+    assert r["continued"][0] < r["scratch"][0] - 0.3  # what the source learned carries over at step 0
+    assert r["continued"][1] < r["scratch"][1] - 0.1  # and is still ahead after equal steps
