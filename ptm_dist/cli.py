@@ -276,9 +276,16 @@ def cmd_plan(args) -> None:
         raise ConfigError("--gpus must be >= 1, --gpu-mem > 0 and --mfu in (0, 1]")
     vocab = cfg.data.tokenizer.vocab_size
     if cfg.data.tokenizer.path:
+        from pathlib import Path
+
         from tokenizers import Tokenizer
 
-        vocab = Tokenizer.from_file(f"{cfg.data.tokenizer.path}/tokenizer.json").get_vocab_size()
+        from ptm_dist.config import cache_dir
+        from ptm_dist.data.tokenizer import convert_to_fast
+
+        tok_dir = convert_to_fast(Path(cfg.data.tokenizer.path).expanduser().resolve(), cache_dir(cfg),
+                                  "data.tokenizer.path")
+        vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
     result = plan(cfg, args.gpus, args.gpu_mem, vocab, args.mfu, args.gpu_tflops * 1e12, args.precision)
     print(format_plan(result))
     print(json.dumps(result, indent=2))

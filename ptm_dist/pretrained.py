@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptm_dist import storage
-from ptm_dist.data.tokenizer import TOKENIZER_FILES
+from ptm_dist.data.tokenizer import SLOW_TOKENIZER_FILES, TOKENIZER_FILES, convert_to_fast
 from ptm_dist.errors import ConfigError
 
 LOG_PREFIX = "[ptm]"
@@ -41,24 +41,30 @@ def _read_config(init_dir: str, given: str) -> dict:
 
 
 def _tokenizer_copy(init_dir: str, cache: Path) -> Path | None:
-    """A local directory with the init model's tokenizer files (the directory itself when it is
-    local), or None when it has no tokenizer.json."""
-    if not storage.exists(storage.join(init_dir, "tokenizer.json")):
+    """A local directory with the init model's tokenizer (tokenizer.json): the directory itself
+    when it is local and has one, a copy of its tokenizer files for a URI, and for a tokenizer
+    saved without tokenizer.json (a SentencePiece model, say) the fast tokenizer transformers
+    converts from it, saved once in the cache (data.tokenizer.convert_to_fast). None when the
+    directory holds no tokenizer."""
+    names = ("tokenizer.json", *SLOW_TOKENIZER_FILES, "vocab.txt", "vocab.json")
+    if not any(storage.exists(storage.join(init_dir, n)) for n in names):
         return None
     if not storage.is_uri(init_dir):
-        return Path(init_dir)
-    out = cache / "init-tokenizers" / hashlib.sha1(init_dir.encode()).hexdigest()[:12]
-    if not (out / "tokenizer.json").is_file():
-        local, is_tmp = storage.local_copy(init_dir, select=lambda rel: rel in TOKENIZER_FILES)
+        return convert_to_fast(Path(init_dir), cache, "model.init")
+    out = cache / "init-tokenizer-files" / hashlib.sha1(init_dir.encode()).hexdigest()[:12]
+    if not (out / "DONE").is_file():
+        wanted = set(TOKENIZER_FILES) | set(SLOW_TOKENIZER_FILES)
+        local, is_tmp = storage.local_copy(init_dir, select=lambda rel: rel in wanted)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(local, tmp)
-            storage.publish_local_dir(tmp, out, "tokenizer.json")
+            (tmp / "DONE").write_text("")
+            storage.publish_local_dir(tmp, out, "DONE")
         finally:
             storage.drop_local_copy(local, is_tmp)
-    return out
+    return convert_to_fast(out, cache, "model.init")
 
 
 def hf_model_dir(src: str, out: Path, what: str) -> str:

@@ -10,6 +10,10 @@ Tokenizer kinds, as the real families ship them:
 - ``llama``: SentencePiece-style BPE (Metaspace) with ``<unk>``, ``<s>``, ``</s>``, no pad, and a
   post-processor that puts ``<s>`` before every text;
 - ``wordpiece``: BERT style, ``[CLS] text [SEP]`` with ``[PAD]``, ``[MASK]``, ``[UNK]``.
+
+``make_sentencepiece_model`` saves a Llama the way older checkpoints ship it: a SentencePiece
+``tokenizer.model`` (trained with the sentencepiece library) and ``tokenizer_config.json``, no
+tokenizer.json.
 """
 
 from __future__ import annotations
@@ -108,4 +112,35 @@ def make_hub_model(out: Path, family: str) -> Path:
     torch.manual_seed(list(KINDS).index(family))
     cls = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
     cls.from_config(config).save_pretrained(str(out))
+    return out
+
+
+def make_sentencepiece_model(out: Path, vocab_size: int = 400) -> Path:
+    """A random debug-size Llama whose tokenizer is only a SentencePiece model (``<unk>`` 0,
+    ``<s>`` 1, ``</s>`` 2, no pad; byte fallback, as Llama's: a character outside the
+    vocabulary is its UTF-8 bytes, ``<0x00>``..``<0xFF>``) with a LlamaTokenizer
+    tokenizer_config.json (built once)."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(HUB_TEXT), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   minloglevel=2)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    config = AutoConfig.for_model("llama", vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                                  **KINDS["llama"][1])
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     return out

@@ -19,7 +19,7 @@ from ptm_dist.config import JobConfig, SourceSection, cache_dir
 from ptm_dist.data.corpus import ensure_builtin_corpus
 from ptm_dist.data.pieces import Piece, plan_pieces
 from ptm_dist.data.sources import Shard, find_shards
-from ptm_dist.data.tokenizer import TOKENIZER_FILES, ensure_tokenizer, special_ids
+from ptm_dist.data.tokenizer import TOKENIZER_FILES, convert_to_fast, ensure_tokenizer, special_ids
 from ptm_dist.errors import DataError
 
 
@@ -175,9 +175,7 @@ def prepare_data(cfg: JobConfig, model_tokenizer: Path | None = None) -> Prepare
     if token_set:
         tok_dir = tokenizer_dir(token_set)
     elif cfg.data.tokenizer.path:
-        tok_dir = Path(cfg.data.tokenizer.path).expanduser().resolve()
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise DataError(f"data.tokenizer.path {tok_dir}: no tokenizer.json there")
+        tok_dir = convert_to_fast(Path(cfg.data.tokenizer.path).expanduser().resolve(), cache, "data.tokenizer.path")
     elif model_tokenizer is not None:
         tok_dir = model_tokenizer
     else:

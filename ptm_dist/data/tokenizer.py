@@ -29,6 +29,10 @@ TRAIN_SAMPLE_BYTES = 64 << 20  # text sampled for tokenizer training
 # next to its weights): what a run copies into its checkpoints.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
+# A tokenizer saved without tokenizer.json: a SentencePiece model (Llama, T5, XLM-R style) next to
+# tokenizer_config.json; vocab.txt (WordPiece) and vocab.json + merges.txt (BPE) are in
+# TOKENIZER_FILES. transformers converts them to a fast tokenizer (convert_to_fast).
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def tokenizer_key(shards: list[Shard], vocab_size: int) -> str:
@@ -159,3 +163,45 @@ def special_ids(tok_dir: Path, tok: Tokenizer) -> dict[str, int]:
 def has_mask(tok_dir: Path, tok: Tokenizer) -> bool:
     mask = special_tokens(tok_dir).get("mask")
     return mask is not None and tok.token_to_id(mask) is not None
+
+
+def convert_to_fast(src: Path, cache: Path, what: str) -> Path:
+    """``src``, a local tokenizer directory, as one with a tokenizer.json: itself when it has
+    one, else the fast tokenizer transformers converts from its slow files (a SentencePiece
+    model, vocab.txt, vocab.json + merges.txt), saved once under ``cache/converted-tokenizers/``
+    (keyed by the directory and its files' sizes and times) and reused. ``what`` names the job
+    field in errors."""
+    if (src / "tokenizer.json").is_file():
+        return src
+    present = sorted(p.name for p in src.iterdir() if p.name in SLOW_TOKENIZER_FILES + TOKENIZER_FILES) \
+        if src.is_dir() else []
+    if not present:
+        raise DataError(f"{what} {src}: no tokenizer there (neither tokenizer.json nor "
+                        f"{', '.join(SLOW_TOKENIZER_FILES)}, vocab.txt, vocab.json)")
+    stamp = json.dumps([str(src.resolve()), [(n, (src / n).stat().st_size, (src / n).stat().st_mtime_ns)
+                                            for n in present]])
+    out = cache / "converted-tokenizers" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line for the user
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DataError(f"{what} {src}: transformers cannot load its tokenizer ({', '.join(present)}): "
+                        f"{first}") from None
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"{what} {src}: {type(tok).__name__} has no fast (tokenizers) version; save one "
+                        "with a tokenizer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        if not (tmp / "tokenizer.json").is_file():
+            raise DataError(f"{what} {src}: the converted tokenizer saved no tokenizer.json")
+        storage.publish_local_dir(tmp, out, "tokenizer.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[ptm] tokenizer {src} ({', '.join(present)}) converted to a fast tokenizer: {out}", flush=True)
+    return out

@@ -176,5 +176,54 @@ def test_model_checks_are_one_line_errors(tmp_path, hub):
     with pytest.raises(ConfigError, match=r"model.init .*nope: no such directory"):
         resolve_init(load(None, [f"model.init={tmp_path / 'nope'}"]), tmp_path)
     (tmp_path / "empty").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a document"}\n')
     with pytest.raises(ConfigError, match=r"neither a Hugging Face model directory \(config.json\) nor a ptm run"):
         resolve_init(load(None, [f"model.init={tmp_path / 'empty'}"]), tmp_path)
+
+
+def test_a_sentencepiece_only_tokenizer_is_converted_once_and_encodes_as_sentencepiece(tmp_path):
+    """A model directory with only tokenizer.model (no tokenizer.json), as older Llama
+    checkpoints ship: model.init and data.tokenizer.path both take it; transformers converts it
+    to a fast tokenizer once (saved in the cache and reused), which encodes text as the
+    sentencepiece library itself does (plus <s> in front, as the Llama tokenizer adds)."""
+    import sentencepiece as spm
+    from hub_helpers import HUB_TEXT, make_sentencepiece_model
+
+    from ptm_dist.data.prepare import prepare_data
+
+    init = make_sentencepiece_model(tmp_path / "sp-llama")
+    assert not (init / "tokenizer.json").exists()
+    cache = tmp_path / "cache"
+    cfg = load(None, [f"model.init={init}", f"data.cache_dir={cache}"])
+    start = resolve_init(cfg, cache)
+    assert start.tokenizer_dir != init and (start.tokenizer_dir / "tokenizer.json").is_file()
+    mtime = (start.tokenizer_dir / "tokenizer.json").stat().st_mtime_ns
+    assert resolve_init(cfg, cache).tokenizer_dir == start.tokenizer_dir  # converted once, then reused
+    assert (start.tokenizer_dir / "tokenizer.json").stat().st_mtime_ns == mtime
+
+    sp = spm.SentencePieceProcessor(model_file=str(init / "tokenizer.model"))
+    tok = _tok(start.tokenizer_dir)
+    for text in [*HUB_TEXT[:20], "The small river, of the north: hidden in 7 ways! Ünïcode ☃"]:
+        assert tok.encode(text).ids == [1, *sp.encode(text)], text
+    assert tok.decode(tok.encode("hidden ☃ ways").ids, skip_special_tokens=True) == "hidden ☃ ways"
+    assert special_ids(start.tokenizer_dir, tok) == {"eos": 2, "pad": 2, "mask": 2}  # </s>; no pad: eos
+
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HUB_TEXT))
+    data = prepare_data(load(None, [f"data.tokenizer.path={init}", f"data.cache_dir={cache}",
+                                    f"data.sources=[{{path: {tmp_path / 'train.jsonl'}}}]",
+                                    f"data.val_sources=[{{path: {tmp_path / 'val.jsonl'}}}]"]))
+    assert data.tokenizer_dir == start.tokenizer_dir
+
+
+def test_a_directory_without_any_tokenizer_is_a_one_line_error(tmp_path):
+    from ptm_dist.data.prepare import prepare_data
+
+    (tmp_path / "empty").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a document"}\n')
+    with pytest.raises(DataError, match=r"^data.tokenizer.path .*empty: no tokenizer there \(neither tokenizer.json"):
+        prepare_data(load(None, [f"data.tokenizer.path={tmp_path / 'empty'}", f"data.cache_dir={tmp_path}",
+                                 f"data.sources=[{{path: {tmp_path / 'train.jsonl'}}}]",
+                                 f"data.val_sources=[{{path: {tmp_path / 'val.jsonl'}}}]"]))
