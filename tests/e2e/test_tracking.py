@@ -27,7 +27,8 @@ def test_one_offline_wandb_run_holds_the_job_history_and_config(tracked_run):
     assert run["job_type"] == "pretrain" and run["project"] == "ptm-dist"
     assert run["tags"] == ["ci", "debug"]
     config = run["config"]["update"]
-    assert config["job"]["model"] == {"family": "gpt2", "size": "debug", "dropout": 0.0, "mlm_probability": 0.15}
+    assert config["job"]["model"] == {"family": "gpt2", "size": "debug", "config": {}, "init": None, "dropout": 0.0,
+                                      "mlm_probability": 0.15}
     assert config["job"]["train"]["max_steps"] == 12
     assert config["deepspeed"]["zero_optimization"]["stage"] == 2
     assert config["deepspeed"]["train_micro_batch_size_per_gpu"] == 4
