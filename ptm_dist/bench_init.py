@@ -1,5 +1,5 @@
 """`ptm bench init`: peak host memory per rank of ZeRO-3 training with the model built whole on
-every rank, against the model built partitioned (``models.build(..., zero3=...)``), side by side.
+every rank, against the model built partitioned (``engine.build_model`` with a ZeRO-3 config), side by side.
 
     ptm bench init jobs/gpt2-124m.yaml --set data.seq_len=128 --set train.micro_batch=1
     ptm bench init --set model.init=DIR --set scaling.num_workers=2   # loading a pretrained model
@@ -64,7 +64,7 @@ def _rank(rank: int, world: int, port: int, job_yaml: str, partitioned: bool, st
 
     from ptm_dist import models
     from ptm_dist.config import load
-    from ptm_dist.engine import EngineSpec, ds_config, prepare, resolve_precision
+    from ptm_dist.engine import EngineSpec, build_model, ds_config, prepare, resolve_precision
     from ptm_dist.train.step import Objective, train_step
 
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def _rank(rank: int, world: int, port: int, job_yaml: str, partitioned: bool, st
     conf = ds_config(spec, resolve_precision(cfg.train.precision, device, 3), device.type == "cuda")
     start, anon_start = _peak_rss(), _rss_anon()
     with _AnonPeak() as anon:
-        model = models.build(hf, seed=cfg.run.seed, zero3=conf if partitioned else None, init_dir=cfg.model.init)
+        model = build_model(hf, cfg.run.seed, conf if partitioned else None, cfg.model.init)
     built = _peak_rss()
     with open("/proc/self/statm") as f:
         held = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # RSS now: what the build kept

@@ -2,6 +2,7 @@
 that prepares a model for training (activation checkpointing, ZeRO engine, compile).
 
     spec = EngineSpec.for_pretraining(cfg)          # or EngineSpec(OptimSpec(...), ...) to fine-tune
+    model = build_model(hf_config, seed, zero3_conf, init_dir)  # ZeRO-3: built or loaded partitioned
     engine, precision = prepare(model, spec, device)
 
 The engine knows the optimiser and schedule (``OptimSpec``) and the ZeRO settings, nothing of
@@ -14,6 +15,7 @@ with the same hyperparameters.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,3 +298,142 @@ def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
     if spec.compile:
         engine.compile()
     return engine, precision
+
+
+def build_model(config, seed: int | None, zero3: dict[str, Any] | None, init_dir: str | None = None):
+    """The model a worker trains: ``models.build``, except that a pretrained model (``init_dir``)
+    loaded under ZeRO-3 from safetensors files is read partitioned by ``load_partitioned``."""
+    from ptm_dist import models
+
+    if zero3 is not None and init_dir is not None:
+        model = load_partitioned(config, init_dir, zero3)
+        if model is not None:
+            return model
+    return models.build(config, seed=seed, zero3=zero3, init_dir=init_dir)
+
+
+def _safetensors_files(init_dir: str) -> dict[str, str] | None:
+    """{checkpoint key: file path} of a model directory's safetensors weights (one file or an
+    index of shards); None when it has none (``.bin`` weights: pickles cannot be read in part)."""
+    import json
+    import os
+
+    single = os.path.join(init_dir, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    index = os.path.join(init_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(init_dir, v) for k, v in weight_map.items()}
+    return None
+
+
+def _zero_init(conf: dict[str, Any]):
+    """DeepSpeed's ``zero.Init`` that builds each parameter partitioned without initialising it
+    and without broadcasting rank 0's values (the caller overwrites every partition): the whole
+    parameter it allocates while a module is built is never written, so its pages never become
+    resident. Transformers' own loading instead initialises, broadcasts and gathers each one."""
+    import contextlib
+
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    @contextlib.contextmanager
+    def ctx():
+        original = Init._zero_init_param
+
+        def partition_only(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+        Init._zero_init_param = partition_only
+        try:
+            with Init(config_dict_or_path=conf):
+                yield
+        finally:
+            Init._zero_init_param = original
+
+    return ctx()
+
+
+def load_partitioned(config, init_dir: str, zero3: dict[str, Any]):
+    """A pretrained model under ZeRO-3 with each rank reading only its own partition of every
+    parameter from the safetensors files (memory-mapped; the rows that hold the partition), so
+    no rank ever holds a whole parameter's values, let alone the whole model: measured with
+    ``ptm bench init``. It needs a process group. Returns None, and the caller loads through
+    transformers (rank 0 reads the whole state dict and scatters it), when the directory has no
+    safetensors weights, transformers converts this model type's checkpoint keys, or a
+    parameter of the model is not in the checkpoint (transformers would initialise it)."""
+    import contextlib
+
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ptm_dist import models
+
+    files = _safetensors_files(init_dir)
+    if files is None or get_checkpoint_conversion_mapping(config.model_type):
+        return None
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5 releases
+        from transformers.modeling_utils import no_init_weights
+    try:  # keeps RoPE's arange buffers in their own dtype under zero.Init
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:
+        prevent_arange_dtype_change = contextlib.nullcontext
+    config._attn_implementation = "sdpa"
+    keep = HfDeepSpeedConfig(zero3)  # transformers' later calls (generate, save) see ZeRO-3, as after models.build
+    with no_init_weights(), prevent_arange_dtype_change(), _zero_init(zero3):
+        model = models.model_class(config)(config)
+    model.tie_weights()
+    prefix = model.base_model_prefix + "."
+
+    def key_of(name: str) -> str | None:
+        for key in (name, name.removeprefix(prefix), prefix + name):
+            if key in files:
+                return key
+        return None
+
+    params = list(model.named_parameters())  # tied parameters once
+    keys = [key_of(name) for name, _ in params]
+    if None in keys or any(p.ds_shape == () for _, p in params):
+        return None
+    rank = dist.get_rank()
+    with contextlib.ExitStack() as stack:
+        opened: dict[str, Any] = {}
+
+        def tensor_slice(key: str):
+            if files[key] not in opened:
+                opened[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
+            return opened[files[key]].get_slice(key)
+
+        with torch.no_grad():
+            for (name, param), key in zip(params, keys, strict=True):
+                piece = tensor_slice(key)
+                shape = tuple(piece.get_shape())
+                if shape != tuple(param.ds_shape):
+                    raise ConfigError(f"model.init: {files[key]}: {key} has shape {list(shape)}, the model's "
+                                      f"{name} {list(param.ds_shape)}")
+                size = param.ds_tensor.numel()  # this rank's part of the flattened parameter, padded
+                lo, hi = min(rank * size, param.ds_numel), min((rank + 1) * size, param.ds_numel)
+                if hi == lo:
+                    continue
+                row = math.prod(shape[1:])
+                first = lo // row
+                values = piece[first:-(-hi // row)].reshape(-1)[lo - first * row:hi - first * row]
+                param.ds_tensor[:hi - lo].copy_(values)
+            for name, buf in model.named_buffers():  # not partitioned: read whole
+                key = key_of(name)
+                if key is not None and buf is not None:
+                    buf.copy_(tensor_slice(key)[:])
+    if os.path.isfile(os.path.join(init_dir, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(init_dir)
+    model._ptm_hf_deepspeed_config = keep
+    return model

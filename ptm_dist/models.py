@@ -217,8 +217,10 @@ def build(config: PretrainedConfig, seed: int | None = None, zero3: dict | None 
     It needs a process group. The weights then differ from an unpartitioned build with the same
     seed (the initialisation runs in another order), but not with the number of ranks. The
     HfDeepSpeedConfig stays alive with the model (transformers checks it in later calls).
-    Loading ``init_dir`` under ZeRO-3 is partitioned the same way: transformers reads the whole
-    state dict on rank 0 only and scatters each module's weights as it loads them."""
+    Loading ``init_dir`` under ZeRO-3 here goes through transformers: it reads the whole state
+    dict on rank 0 only and scatters each module's weights as it loads them. Workers call
+    ``engine.build_model``, which reads each rank's partition from safetensors files instead and
+    comes here only for checkpoints it cannot read that way."""
     if seed is not None:
         torch.manual_seed(seed)
     config._attn_implementation = "sdpa"

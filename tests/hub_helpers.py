@@ -144,3 +144,37 @@ def make_sentencepiece_model(out: Path, vocab_size: int = 400) -> Path:
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     return out
+
+
+def partitioned_load_worker(rank: int, world: int, port: int, dirs: list[str], out: str) -> None:
+    """One rank of a gloo group (``torch.multiprocessing`` spawns it) that loads each model
+    directory under ZeRO-3 with ``engine.build_model`` and saves, from rank 0, the gathered
+    state dict and whether each rank read its own partitions (``engine.load_partitioned``)."""
+    import json
+    import os
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from ptm_dist.engine import build_model, load_partitioned
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    conf = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    partitioned = {}
+    for i, d in enumerate(dirs):
+        config = AutoConfig.from_pretrained(d)
+        partitioned[d] = load_partitioned(config, d, conf) is not None
+        model = build_model(AutoConfig.from_pretrained(d), 0, conf, d)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save(state, f"{out}/{i}.pt")
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(partitioned, f)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -27,7 +27,7 @@ from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
 from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
 from ptm_dist.dist import broadcast_object, gather_objects, mean_over_ranks, rng_state, set_rng_state
-from ptm_dist.engine import EngineSpec, ds_config, lr_schedule, manual_clip, prepare, resolve_precision
+from ptm_dist.engine import EngineSpec, build_model, ds_config, lr_schedule, manual_clip, prepare, resolve_precision
 from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
 from ptm_dist.train.spec import PretrainSpec
@@ -71,7 +71,7 @@ class Trainer:
         else:
             local, is_tmp = storage.local_copy(start.init_dir)
             try:
-                model = models.build(self.hf_config, seed=cfg.run.seed, zero3=zero3, init_dir=str(local))
+                model = build_model(self.hf_config, cfg.run.seed, zero3, str(local))
             finally:
                 storage.drop_local_copy(local, is_tmp)
         self.n_params = models.num_params(model)

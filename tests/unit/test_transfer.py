@@ -1,6 +1,6 @@
-"""Transfer (issue 16), the parts that need no process group: standard tokenizers' special
-tokens and packing, configs for any architecture, model.config, loading a pretrained model's
-weights, FLOPs per token by hand, and the driver's one-line checks."""
+"""Transfer (issue 16) without Ray: standard tokenizers' special tokens and packing, configs for
+any architecture, model.config, loading a pretrained model's weights (whole, and under ZeRO-3 on
+two gloo ranks spawned by torch), FLOPs per token by hand, and the driver's one-line checks."""
 
 from __future__ import annotations
 
@@ -227,3 +227,34 @@ def test_a_directory_without_any_tokenizer_is_a_one_line_error(tmp_path):
         prepare_data(load(None, [f"data.tokenizer.path={tmp_path / 'empty'}", f"data.cache_dir={tmp_path}",
                                  f"data.sources=[{{path: {tmp_path / 'train.jsonl'}}}]",
                                  f"data.val_sources=[{{path: {tmp_path / 'val.jsonl'}}}]"]))
+
+
+def test_zero3_loads_each_ranks_partition_from_safetensors_and_falls_back_to_transformers(hub, tmp_path):
+    """Two gloo ranks load hub models under ZeRO-3; the gathered weights equal what plain
+    transformers loads: a tied GPT-2 and an untied Llama read partitioned from safetensors, the
+    Llama again from bf16 safetensors shards, and from a .bin file through transformers."""
+    import torch.multiprocessing as mp
+    from hub_helpers import partitioned_load_worker
+    from transformers import AutoModelForCausalLM
+
+    from ptm_dist.dist import free_port
+
+    bf16 = tmp_path / "llama-bf16-shards"
+    AutoModelForCausalLM.from_pretrained(str(hub["llama"]), dtype=torch.bfloat16).save_pretrained(
+        str(bf16), max_shard_size="20KB")
+    assert (bf16 / "model.safetensors.index.json").exists()
+    pickled = tmp_path / "llama-bin"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((hub["llama"] / "config.json").read_text())
+    torch.save(AutoModelForCausalLM.from_pretrained(str(hub["llama"])).state_dict(), pickled / "pytorch_model.bin")
+    dirs = [str(hub["gpt2"]), str(hub["llama"]), str(bf16), str(pickled)]
+    mp.start_processes(partitioned_load_worker, args=(2, free_port(), dirs, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == dict(zip(dirs, [True, True, True, False]))
+    for i, d in enumerate(dirs):
+        loaded = torch.load(tmp_path / f"{i}.pt")
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict()
+        assert loaded.keys() == ref.keys(), d
+        for k, v in ref.items():
+            assert torch.equal(loaded[k], v), (d, k)
