@@ -173,16 +173,19 @@ def cmd_pipeline(args) -> None:
 def cmd_prepare(args) -> None:
     import ray
 
-    from ptm_dist.config import load
+    from ptm_dist.config import cache_dir, load
     from ptm_dist.data.prepare import prepare_data
     from ptm_dist.launch import connect_ray
+    from ptm_dist.pretrained import resolve_init
     from ptm_dist.progress import Progress, human
 
     cfg = load(args.job, args.overrides)
+    # model.init's tokenizer, as ptm pretrain would take it: the token shards are made with it.
+    start = resolve_init(cfg, cache_dir(cfg))
     # The tokenizer sample and the token shards are read by Ray tasks.
     owns_ray = connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
     try:
-        data = prepare_data(cfg)
+        data = prepare_data(cfg, start.tokenizer_dir if start else None)
         print(f"training shards: {len(data.train)}")
         print(f"held-out shards: {len(data.val)}")
         print(f"tokenizer: {data.tokenizer_dir}")

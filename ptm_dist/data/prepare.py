@@ -148,6 +148,12 @@ def _token_set(cfg: JobConfig) -> str | None:
     return path
 
 
+def _vocabulary(tok_dir: Path) -> tuple:
+    """What decides a tokenizer's ids: its model (vocabulary, merges) and its added tokens."""
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    return spec["model"], sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+
+
 def prepare_data(cfg: JobConfig, model_tokenizer: Path | None = None) -> PreparedData:
     """The job's shard lists and tokenizer. ``model_tokenizer``: the tokenizer of the model the
     job starts from (model.init), used unless data.tokenizer.path is set."""
@@ -174,6 +180,13 @@ def prepare_data(cfg: JobConfig, model_tokenizer: Path | None = None) -> Prepare
         raise DataError(f"shards are both in training and held-out data: {sorted(overlap)[:3]}")
     if token_set:
         tok_dir = tokenizer_dir(token_set)
+        if model_tokenizer is not None and _vocabulary(tok_dir) != _vocabulary(model_tokenizer):
+            raise DataError(
+                f"data.sources: the token shards {token_set} were made with another tokenizer than "
+                f"model.init's ({model_tokenizer}): their ids would mean other tokens to the model; "
+                "tokenize the text again with the model's tokenizer (`ptm prepare --tokens` with the "
+                "same model.init)"
+            )
     elif cfg.data.tokenizer.path:
         tok_dir = convert_to_fast(Path(cfg.data.tokenizer.path).expanduser().resolve(), cache, "data.tokenizer.path")
     elif model_tokenizer is not None:

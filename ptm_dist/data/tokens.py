@@ -35,6 +35,7 @@ from ptm_dist import storage
 from ptm_dist.data.packing import pack_piece
 from ptm_dist.data.pieces import Piece, plan_pieces
 from ptm_dist.data.sources import Shard, find_shard_error
+from ptm_dist.data.tokenizer import TOKENIZER_FILES
 from ptm_dist.errors import DataError, ShardError
 
 INDEX = "index.json"
@@ -197,7 +198,9 @@ def write_token_dataset(
                 finished((split, piece.shard, piece.index), entry)
             except ShardError as e:
                 failed(shard, e)
-    tok_files = {p.name: p.read_text() for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    # Only the tokenizer's files: with model.init, tokenizer_dir is the model's directory (weights too).
+    tok_files = {p.name: p.read_text() for p in sorted(tokenizer_dir.iterdir())
+                 if p.is_file() and p.name in TOKENIZER_FILES}
     for name, text in tok_files.items():
         storage.write_text(storage.join(out_dir, "tokenizer", name), text)
     index = {

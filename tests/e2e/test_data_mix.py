@@ -92,23 +92,30 @@ def test_pretraining_on_token_shards_equals_raw_text(tmp_path, ray_session, cach
 
 
 def test_prepare_tokens_cli_progress_and_bad_shard(tmp_path, cache_dir):
-    """`ptm prepare --tokens` end to end in a subprocess: its own local Ray, the progress lines,
-    the summary; then a corrupt shard: one line naming shard and line, exit 2, the shards
-    already written kept."""
+    """`ptm prepare --tokens` end to end in a subprocess, for a job that starts from a pretrained
+    model (model.init): its own local Ray, the progress lines, the summary, the shards made with
+    the model's own tokenizer; then a corrupt shard: one line naming shard and line, exit 2, the
+    shards already written kept."""
     import os
     import subprocess
     import sys
 
+    from hub_helpers import make_hub_model
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shards = _shards(corpus)
+    init = make_hub_model(tmp_path / "gpt2", "gpt2")
     cmd = [sys.executable, "-m", "ptm_dist.cli", "prepare", "--tokens", str(tmp_path / "tok"),
-           f"--set=data.sources=[{{path: {corpus}}}]", "--set=data.seq_len=16", "--set=data.val_fraction=0.2"]
+           f"--set=data.sources=[{{path: {corpus}}}]", "--set=data.seq_len=16", "--set=data.val_fraction=0.2",
+           f"--set=model.init={init}"]
     env = {**os.environ, "PTM_PROGRESS": "plain"}
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "tokenize 6/6" in ok.stdout and "docs 240" in ok.stdout, ok.stdout
     assert "token shards: 5 train" in ok.stdout and "1 held-out" in ok.stdout
+    assert f"tokenizer: {init}\n" in ok.stdout
+    assert (tmp_path / "tok" / "tokenizer" / "tokenizer.json").read_text() == (init / "tokenizer.json").read_text()
     lines = Path(shards[3].uri).read_text().splitlines()
     Path(shards[3].uri).write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")
     (tmp_path / "tok" / "train" / "000003" / "00000.json").unlink()  # that shard (one piece) must be redone

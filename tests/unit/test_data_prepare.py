@@ -42,3 +42,29 @@ def test_staging_copies_cached_shards_into_storage_once_and_keeps_the_identity(t
     mtime = copies[0].stat().st_mtime_ns
     assert data.staged(cache, str(tmp_path / "runs")) == staged and copies[0].stat().st_mtime_ns == mtime
     assert staged.for_workers().identity == data.for_workers().identity
+
+
+def test_token_shards_of_another_tokenizer_than_the_init_models_are_refused(tmp_path, tok_dir, tok_json):
+    """A token set made with one tokenizer, read by a job whose model.init has another: a
+    one-line error naming both (the ids would mean other tokens); with the same one it passes.
+    A re-saved copy of the same tokenizer (other file, same vocabulary) is the same."""
+    from conftest import debug_job
+    from hub_helpers import make_tokenizer
+    from tokenizers import Tokenizer
+
+    from ptm_dist.data.prepare import prepare_data
+
+    shards = _shards(tmp_path, 2)
+    write_token_dataset(str(tmp_path / "t"), {"train": shards, "val": shards[1:]}, tok_dir, 32, _eos(tok_json), 300)
+    cfg = debug_job(tmp_path, f"data.sources=[{{path: {tmp_path / 't'}}}]")
+    other = tmp_path / "other"
+    make_tokenizer("bytelevel", other)
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, model_tokenizer=other)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "t") in msg and f"model.init's ({other})" in msg
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    Tokenizer.from_str(tok_json).save(str(copy / "tokenizer.json"), pretty=False)
+    assert (copy / "tokenizer.json").read_text() != (tok_dir / "tokenizer.json").read_text()
+    assert prepare_data(cfg, model_tokenizer=copy).tokenizer_dir.name == "tokenizer"
