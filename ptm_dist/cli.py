@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show the libraries' output while the model is exported and loaded")
+    p = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness",
+                       description="Evaluate a model on lm-evaluation-harness tasks with the harness's own Hugging "
+                       "Face adapter. SRC: a ptm run or checkpoint directory (exported first) or a Hugging Face model "
+                       "directory, local or a URI. Results: SRC/eval/<time>.json, and for a run a metrics.jsonl line.")
+    p.add_argument("src", help="run, checkpoint or Hugging Face model directory")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated harness task names; ptm_builtin_docstrings is built in and offline")
+    p.add_argument("--num-fewshot", type=int, help="in-context examples per question (default: the task's own)")
+    p.add_argument("--limit", type=float, help="evaluate only this many examples per task (below 1: a fraction)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--include-path", metavar="DIR", help="a directory of harness task YAML files (local data works "
+                   "offline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the harness's sampling and few-shot choice (default 0)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the libraries' output while the model is exported, loaded and evaluated")
     p = sub.add_parser("bench", help="benchmarks printed side by side with their baselines",
                        description="ptm bench train: this system against a plain PyTorch loop.")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -227,6 +242,21 @@ def cmd_generate(args) -> None:
     generate(args.src, prompts, sampling, out=sys.stdout)
 
 
+def cmd_eval(args) -> None:
+    from ptm_dist.errors import ConfigError
+    from ptm_dist.evaluate import evaluate, format_table, parse_tasks, save_results
+
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"--limit {args.limit:g}: must be > 0")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    result = evaluate(args.src, parse_tasks(args.tasks), num_fewshot=args.num_fewshot, limit=limit,
+                      batch_size=args.batch_size, include_path=args.include_path, seed=args.seed)
+    print(format_table(result))
+    print(f"results: {save_results(result)}")
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):
         os.environ["PTM_VERBOSE"] = "1"
     handler = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "tune": cmd_tune, "pipeline": cmd_pipeline,
-               "prepare": cmd_prepare, "export": cmd_export, "generate": cmd_generate,
+               "prepare": cmd_prepare, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval,
                "bench": cmd_bench, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
                "jobs": cmd_jobs}[args.command]
     ray_was_up = _ray_is_up()

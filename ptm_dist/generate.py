@@ -123,7 +123,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_output() -> Iterator[None]:
+def quiet_output() -> Iterator[None]:
     """What the libraries print while a model is exported and loaded (DeepSpeed's messages,
     progress bars), at the file-descriptor level: into the open RunLogs' driver log, else nowhere;
     PTM_VERBOSE=1 (--verbose) shows it."""
@@ -255,7 +255,7 @@ def open_model(src: str, device: str | None = None) -> Iterator[Generator]:
     with tempfile.TemporaryDirectory(prefix="ptm-generate-") as tmp:
         local, is_tmp = None, False
         try:
-            with _quiet_output():
+            with quiet_output():
                 model_dir, _ = hf_model_dir(src, tmp, src)
                 local, is_tmp = storage.local_copy(model_dir)  # a Hugging Face directory in object storage
                 model = Generator(str(local), src, device)
