@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory, local or a URI. Results: SRC/eval/<time>.json, and for a run a metrics.jsonl line.")
     p.add_argument("src", help="run, checkpoint or Hugging Face model directory")
     p.add_argument("--tasks", required=True,
-                   help="comma-separated harness task names; ptm_builtin_docstrings is built in and offline")
+                   help="comma-separated harness task names; ptm_builtin_word_order and ptm_builtin_docstrings "
+                   "are built in and offline")
     p.add_argument("--num-fewshot", type=int, help="in-context examples per question (default: the task's own)")
     p.add_argument("--limit", type=float, help="evaluate only this many examples per task (below 1: a fraction)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")

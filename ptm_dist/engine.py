@@ -14,6 +14,7 @@ with the same hyperparameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -316,7 +317,6 @@ def _safetensors_files(init_dir: str) -> dict[str, str] | None:
     """{checkpoint key: file path} of a model directory's safetensors weights (one file or an
     index of shards); None when it has none (``.bin`` weights: pickles cannot be read in part)."""
     import json
-    import os
 
     single = os.path.join(init_dir, "model.safetensors")
     if os.path.isfile(single):
@@ -332,31 +332,26 @@ def _safetensors_files(init_dir: str) -> dict[str, str] | None:
     return None
 
 
+@contextlib.contextmanager
 def _zero_init(conf: dict[str, Any]):
     """DeepSpeed's ``zero.Init`` that builds each parameter partitioned without initialising it
     and without broadcasting rank 0's values (the caller overwrites every partition): the whole
     parameter it allocates while a module is built is never written, so its pages never become
     resident. Transformers' own loading instead initialises, broadcasts and gathers each one."""
-    import contextlib
-
     from deepspeed.runtime.zero.partition_parameters import Init
 
-    @contextlib.contextmanager
-    def ctx():
-        original = Init._zero_init_param
+    original = Init._zero_init_param
 
-        def partition_only(self, param):
-            self._convert_to_deepspeed_param(param)
-            param.partition()
+    def partition_only(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
 
-        Init._zero_init_param = partition_only
-        try:
-            with Init(config_dict_or_path=conf):
-                yield
-        finally:
-            Init._zero_init_param = original
-
-    return ctx()
+    Init._zero_init_param = partition_only
+    try:
+        with Init(config_dict_or_path=conf):
+            yield
+    finally:
+        Init._zero_init_param = original
 
 
 def load_partitioned(config, init_dir: str, zero3: dict[str, Any]):
@@ -367,8 +362,6 @@ def load_partitioned(config, init_dir: str, zero3: dict[str, Any]):
     transformers (rank 0 reads the whole state dict and scatters it), when the directory has no
     safetensors weights, transformers converts this model type's checkpoint keys, or a
     parameter of the model is not in the checkpoint (transformers would initialise it)."""
-    import contextlib
-
     import torch.distributed as dist
     from safetensors import safe_open
     from transformers import GenerationConfig

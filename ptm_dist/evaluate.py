@@ -11,8 +11,8 @@ first. The model (a causal LM) is handed, as an object, to the harness's own Hug
 
 Results go to ``<SRC>/eval/<UTC time>.json`` (the harness's per-task metrics, the task configs
 and versions, and what was evaluated) and, for a run, into ``metrics.jsonl`` as one line at the
-evaluated checkpoint's step with ``eval/<task>/<metric>`` keys, which ``ptm report`` and the
-summary read like the other lines. A table is printed.
+evaluated checkpoint's step with ``eval/<task>/<metric>`` keys, next to the training lines
+(``ptm report`` does not plot them yet). A table is printed.
 
 Two built-in tasks (multiple choice, 4 options, chance 25%) are made from the held-out side of
 the built-in corpus only (modules the default pretraining run never trains on,
@@ -210,8 +210,7 @@ def evaluate(src: str, tasks: list[str], *, num_fewshot: int | None = None, limi
     """Run the harness on ``src``: {"src", "step" (a run's or checkpoint's, else None),
     "tasks": {task: {metric: value}}, "harness": the harness's own results dict}."""
     from ptm_dist.config import cache_dir, load
-    from ptm_dist.export import hf_model_dir
-    from ptm_dist.generate import Generator, quiet_output
+    from ptm_dist.generate import open_model, quiet_output
 
     if not tasks:
         raise ConfigError("--tasks: name at least one task (for example ptm_builtin_docstrings)")
@@ -236,34 +235,25 @@ def evaluate(src: str, tasks: list[str], *, num_fewshot: int | None = None, limi
                           f"(lm-eval ls tasks), {' and '.join(BUILTIN_TASKS)} are built in, and --include-path adds "
                           "task YAML files")
     src = storage.absolute(src)
-    with tempfile.TemporaryDirectory(prefix="ptm-eval-") as tmp:
+    with open_model(src, device) as gen:
         with quiet_output():
-            model_dir, info = hf_model_dir(src, tmp, src)
-        local, is_tmp = storage.local_copy(model_dir)
+            lm = HFLM(pretrained=gen.model, tokenizer=gen.tokenizer, batch_size=batch_size, device=gen.device)
+        t0 = time.time()
         try:
             with quiet_output():
-                gen = Generator(str(local), src, device)
-                lm = HFLM(pretrained=gen.model, tokenizer=gen.tokenizer, batch_size=batch_size, device=gen.device)
-            t0 = time.time()
-            try:
-                with quiet_output():
-                    harness = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
-                                                      limit=limit, task_manager=manager, log_samples=False,
-                                                      random_seed=seed, numpy_random_seed=seed,
-                                                      torch_random_seed=seed, fewshot_random_seed=seed,
-                                                      bootstrap_iters=0)
-            except AssertionError as e:  # the harness asserts that an answer fits the model's context
-                if "max_length" not in _last_frame(e):
-                    raise
-                raise ConfigError(f"{src}: an answer of --tasks {','.join(tasks)} is longer than the model's "
-                                  f"context ({lm.max_length} tokens); evaluate a model with a longer context") from e
-            seconds = time.time() - t0
-        finally:
-            storage.drop_local_copy(local, is_tmp)
+                harness = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                                  task_manager=manager, log_samples=False, random_seed=seed,
+                                                  numpy_random_seed=seed, torch_random_seed=seed,
+                                                  fewshot_random_seed=seed, bootstrap_iters=0)
+        except AssertionError as e:  # the harness asserts that an answer fits the model's context
+            if "max_length" not in _last_frame(e):
+                raise
+            raise ConfigError(f"{src}: an answer of --tasks {','.join(tasks)} is longer than the model's "
+                              f"context ({lm.max_length} tokens); evaluate a model with a longer context") from e
+        seconds, step = time.time() - t0, gen.step
     if harness is None:
         raise ConfigError("lm-evaluation-harness returned no results")
     results = {task: _metrics(harness["results"].get(task, {})) for task in tasks}
-    step = info["step"] if info else None
     return {"src": src, "step": step, "tasks": results, "seconds": seconds, "num_fewshot": num_fewshot,
             "limit": limit, "n_samples": harness.get("n-samples", {}),
             "harness": {k: harness.get(k) for k in ("results", "configs", "versions", "n-shot")}}

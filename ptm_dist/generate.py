@@ -158,6 +158,7 @@ class Generator:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.src, self.device = src, device or default_device()
+        self.step: int | None = None  # the checkpoint's step when src is a ptm run or checkpoint (open_model)
         try:
             config = AutoConfig.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as e:
@@ -248,7 +249,8 @@ def _first_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def open_model(src: str, device: str | None = None) -> Iterator[Generator]:
     """A Generator for ``src`` (Hugging Face directory, ptm run or ptm checkpoint, path or URI);
-    an export or a copy made for it is deleted afterwards."""
+    its ``step`` is the exported checkpoint's (None for a Hugging Face directory). An export or a
+    copy made for it is deleted afterwards."""
     from ptm_dist.export import hf_model_dir
 
     src = storage.absolute(src)
@@ -256,9 +258,10 @@ def open_model(src: str, device: str | None = None) -> Iterator[Generator]:
         local, is_tmp = None, False
         try:
             with quiet_output():
-                model_dir, _ = hf_model_dir(src, tmp, src)
+                model_dir, info = hf_model_dir(src, tmp, src)
                 local, is_tmp = storage.local_copy(model_dir)  # a Hugging Face directory in object storage
                 model = Generator(str(local), src, device)
+            model.step = info["step"] if info else None
             yield model
         finally:
             if local is not None:
