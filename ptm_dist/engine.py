@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,11 +275,32 @@ def lr_schedule(engine) -> LRSchedule:
     return engine.lr_scheduler.lr_lambdas[0]
 
 
+# DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer only to ask whether ours is one
+# (isinstance), and that module compiles kernels when imported (torch.compile loads all of
+# TorchInductor): about 2 s of CPU in every worker that builds an engine, on the 2-core machine.
+# ptm never trains with Muon, so a process that has not imported it gets a stand-in module whose
+# class nothing is an instance of; DeepSpeed's Muon code paths are never taken.
+_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+class _NotMuon:
+    """Stand-in for DeepSpeed's MuonWithAuxAdam: no optimizer ptm builds is one."""
+
+
+def _skip_muon_import() -> None:
+    if _MUON_MODULE not in sys.modules:
+        stand_in = types.ModuleType(_MUON_MODULE)
+        stand_in.MuonWithAuxAdam = _NotMuon
+        sys.modules[_MUON_MODULE] = stand_in
+
+
 def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
     """(engine, precision): ``model`` made ready to train, the way one function applies every
     change to a single-device model: activation checkpointing, the DeepSpeed ZeRO engine with
     optimizer and schedule, then torch.compile."""
     import deepspeed
+
+    _skip_muon_import()
 
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
