@@ -16,35 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 
 
-# e2e modules that read one session fixture's result (tracked_run: two `ptm pretrain` runs) share
-# a pytest-xdist group, so that one worker computes it once.
-XDIST_GROUPS = {"test_generate": "tracked", "test_tracking": "tracked", "test_report": "tracked",
-                "test_evaluate": "tracked"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/e2e/ is marked e2e, so `pytest -m "not e2e"` is the unit tier.
-
-    Under pytest-xdist (`-n 2 --dist loadgroup`, as .ci/run runs the suite) an e2e module's tests
-    stay together on one worker (its module fixtures, such as test_faults' reference run, are
-    computed once); unit tests spread freely."""
+    """Every test under tests/e2e/ is marked e2e, so `pytest -m "not e2e"` is the unit tier."""
     for item in items:
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
-            module = Path(str(item.path)).stem
-            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
 
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """The session's PTM_DIST_CACHE (built-in corpus, tokenizers, piece plans). Under
-    pytest-xdist every worker uses the same one: its writers publish whole directories in one
-    rename (ptm_dist.storage.publish_local_dir), so workers building an entry at once are safe."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        path = tmp_path_factory.mktemp("ptm-cache")
-    else:
-        path = tmp_path_factory.getbasetemp().parent / "ptm-cache"
-        path.mkdir(exist_ok=True)
+    path = tmp_path_factory.mktemp("ptm-cache")
     os.environ["PTM_DIST_CACHE"] = str(path)
     return path
 
