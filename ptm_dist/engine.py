@@ -277,7 +277,7 @@ def lr_schedule(engine) -> LRSchedule:
 
 # DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer only to ask whether ours is one
 # (isinstance), and that module compiles kernels when imported (torch.compile loads all of
-# TorchInductor): about 2 s of CPU in every worker that builds an engine, on the 2-core machine.
+# TorchInductor): 0.8-1 s of CPU in every process that builds an engine, on the quiet 2-core machine.
 # ptm never trains with Muon, so a process that has not imported it gets a stand-in module whose
 # class nothing is an instance of; DeepSpeed's Muon code paths are never taken.
 _MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
