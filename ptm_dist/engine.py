@@ -275,23 +275,32 @@ def lr_schedule(engine) -> LRSchedule:
     return engine.lr_scheduler.lr_lambdas[0]
 
 
-# DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer only to ask whether ours is one
-# (isinstance), and that module compiles kernels when imported (torch.compile loads all of
-# TorchInductor): 0.8-1 s of CPU in every process that builds an engine, on the quiet 2-core machine.
-# ptm never trains with Muon, so a process that has not imported it gets a stand-in module whose
-# class nothing is an instance of; DeepSpeed's Muon code paths are never taken.
-_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+# DeepSpeed's ZeRO and bf16 optimizers import its Muon modules only to ask whether ours is a
+# Muon optimizer (isinstance) and, inside every ZeRO-1/2 gradient reduction, to fetch the Muon
+# update they apply to parameters marked ``use_muon``. Both modules compile kernels when imported
+# (torch.compile loads all of TorchInductor): about 0.8-1 s of CPU when an engine is built and
+# 2.5 s more at its first ZeRO-1/2 step, in every worker, on the quiet 2-core machine. ptm never
+# builds a Muon optimizer nor marks a parameter for it, so a process that has not imported them
+# gets stand-ins: a class nothing is an instance of, and update functions that refuse to run.
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.zero.muon.muon_optimizer")
 
 
 class _NotMuon:
     """Stand-in for DeepSpeed's MuonWithAuxAdam: no optimizer ptm builds is one."""
 
 
+def _no_muon_update(*args, **kwargs):
+    raise RuntimeError("ptm_dist does not train with DeepSpeed's Muon optimizer (its modules are stand-ins "
+                       "in this process; see engine._skip_muon_import)")
+
+
 def _skip_muon_import() -> None:
-    if _MUON_MODULE not in sys.modules:
-        stand_in = types.ModuleType(_MUON_MODULE)
-        stand_in.MuonWithAuxAdam = _NotMuon
-        sys.modules[_MUON_MODULE] = stand_in
+    for name in _MUON_MODULES:
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name)
+            stand_in.MuonWithAuxAdam = _NotMuon
+            stand_in.muon_update = stand_in.adam_update = _no_muon_update
+            sys.modules[name] = stand_in
 
 
 def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):

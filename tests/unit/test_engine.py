@@ -486,3 +486,41 @@ def test_a_deepspeed_engine_checkpoint_of_a_wsd_run_resumes_and_extends_without_
                                        rel=1e-12)
     for lrs in (full[:6] + from_stable, full[:10] + from_decay):
         assert_no_jump(lrs + [o.min_lr], o)  # and on to min_lr at step 20
+
+
+
+MUON_FREE_SCRIPT = """
+import json, sys, torch
+from ptm_dist import engine as E, models
+from ptm_dist.dist import init_single_process
+init_single_process(torch.device("cpu"))
+o = E.OptimSpec(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=4, weight_decay=0.1, grad_clip=1.0, micro_batch=2)
+hf = models.hf_config("gpt2", "debug", 64, 16, models.SpecialTokens(eos=0, pad=1, mask=2))
+for stage, precision in ((0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "fp32")):
+    engine, _ = E.prepare(models.build(hf, seed=0), E.EngineSpec(o, zero_stage=stage, precision=precision),
+                          torch.device("cpu"))
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 16))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+muon = {n: getattr(m, "muon_update", None) is E._no_muon_update for n, m in sys.modules.items() if ".muon." in n}
+print(json.dumps({"muon_stand_ins": muon, "compile_fx": "torch._inductor.compile_fx" in sys.modules}))
+"""
+
+
+def test_engines_train_without_importing_deepspeeds_muon_or_torchinductors_compiler():
+    """Engines of every ZeRO stage (bf16 ZeRO-1 too) built and stepped twice in a fresh process
+    never load DeepSpeed's Muon modules, which compile kernels when imported (TorchInductor's
+    compiler: about 2.5 s of CPU at a worker's first ZeRO-2 step): the Muon modules DeepSpeed
+    imports are the stand-ins of engine._skip_muon_import."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MUON_FREE_SCRIPT], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"muon_stand_ins": {"deepspeed.runtime.zero.muon.original_muon": True,
+                                      "deepspeed.runtime.zero.muon.muon_optimizer": True},
+                   "compile_fx": False}, got
