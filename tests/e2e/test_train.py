@@ -159,17 +159,10 @@ def reference_eval_loss(cfg) -> float:
                                              ids[:, 1:].reshape(-1), reduction="sum").item() / ids[:, 1:].numel()
 
 
-# ZeRO-3 evaluates 33 held-out sequences on 2 workers: 17 and 16, in 5 and 4 micro batches of 4,
-# so the second rank must make a fifth forward pass that counts nothing (ZeRO-3 forwards are
-# collective; without it the run hangs at its first evaluation).
-@pytest.mark.parametrize("stage,grad_accum,extra", [(0, 1, ()), (1, 2, ()), (2, 1, ()),
-                                                    (3, 1, ("train.eval_sequences=33",))])
-def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zero2_run, ray_session):
-    if stage == 2:
-        cfg, run_dir = zero2_run
-    else:
-        cfg = debug_job(tmp_path, "run.name=z", f"zero.stage={stage}", f"train.grad_accum={grad_accum}", *extra)
-        run_dir = pretrain(cfg)
+def assert_matches_plain_pytorch(cfg, run_dir) -> None:
+    """The run's per-step losses and lrs and its step-0 eval loss against the one-process
+    references (reference_losses, reference_lr, reference_eval_loss)."""
+    stage, grad_accum = cfg.zero.stage, cfg.train.grad_accum
     lines = read_lines(run_dir)
     got = _train_losses(run_dir)
     want = reference_losses(cfg, cfg.scaling.num_workers)
@@ -190,6 +183,20 @@ def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zer
     assert abs(first_eval - ref) / ref < 1e-5
 
 
+# ZeRO-0 is checked by test_resume_false_starts_a_new_directory..., on the run it starts.
+# ZeRO-3 evaluates 33 held-out sequences on 2 workers: 17 and 16, in 5 and 4 micro batches of 4,
+# so the second rank must make a fifth forward pass that counts nothing (ZeRO-3 forwards are
+# collective; without it the run hangs at its first evaluation).
+@pytest.mark.parametrize("stage,grad_accum,extra", [(1, 2, ()), (2, 1, ()), (3, 1, ("train.eval_sequences=33",))])
+def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zero2_run, ray_session):
+    if stage == 2:
+        cfg, run_dir = zero2_run
+    else:
+        cfg = debug_job(tmp_path, "run.name=z", f"zero.stage={stage}", f"train.grad_accum={grad_accum}", *extra)
+        run_dir = pretrain(cfg)
+    assert_matches_plain_pytorch(cfg, run_dir)
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(zero2_run, tmp_path, ray_session):
     _, run_dir = zero2_run
     # A run stopped after its step-6 checkpoint: the same job resumed from that checkpoint alone.
@@ -208,16 +215,20 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(zero2_run, tmp_pat
             assert m["grad_norm"] == full[m["step"], True]["grad_norm"]
 
 
-def test_resume_false_starts_a_new_directory(zero2_run, ray_session):
+def test_resume_false_starts_a_new_directory_and_zero0_matches_plain_pytorch(zero2_run, ray_session):
+    """The zero2 run's job again with run.resume=false (and ZeRO stage 0): a new directory
+    <name>-2, trained from step 1, the first run untouched; and that run, ZeRO-0's, matches the
+    plain PyTorch reference as the other stages do (one Ray Train job for both checks)."""
     cfg, run_dir = zero2_run
     before = read_lines(run_dir)
     fresh = cfg.model_copy(deep=True)
     fresh.run.resume = False
-    fresh.train.max_steps = 2
+    fresh.zero.stage = 0
     new_dir = pretrain(fresh)
     assert new_dir == run_dir + "-2"
     assert read_lines(run_dir) == before
-    assert [m["step"] for m in read_lines(new_dir) if "loss" in m] == [1, 2]
+    assert [m["step"] for m in read_lines(new_dir) if "loss" in m] == list(range(1, 13))
+    assert_matches_plain_pytorch(fresh, new_dir)
 
 
 def _corpus(path: Path) -> Path:
