@@ -83,15 +83,19 @@ def _matching(point: str, step: int | None, rank: int | None) -> tuple[str, str]
     return None
 
 
+def once_file(entry: str) -> str:
+    """The file name under PTM_FAULT_ONCE that records when ``entry`` fired ("pid P step S")."""
+    return re.sub(r"[^\w.-]", "_", entry)
+
+
 def _claim(raw: str, step: int | None) -> bool:
     """With PTM_FAULT_ONCE, True only the first time (any process) this entry fires."""
     once = os.environ.get("PTM_FAULT_ONCE")
     if not once:
         return True
     os.makedirs(once, exist_ok=True)
-    name = re.sub(r"[^\w.-]", "_", raw)
     try:
-        fd = os.open(os.path.join(once, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(os.path.join(once, once_file(raw)), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
     os.write(fd, f"pid {os.getpid()} step {step}\n".encode())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import torch
 from conftest import DEBUG_OVERRIDES, debug_job, read_lines
 
 from ptm_dist import checkpoint as ck
+from ptm_dist import faults
 from ptm_dist.data.idlog import read_sequence_log
 from ptm_dist.errors import WorkerFailedError, user_message
 from ptm_dist.train.pretrain import pretrain
@@ -149,7 +149,7 @@ def test_stop_at_20_and_resume_is_bitwise_the_uninterrupted_run(reference, tmp_p
     assert len(same) == 20 and diff == 0.0
 
 
-# ---------------------------------------------------------------- 2. worker kill, max_failures=1
+# ---------------------------------------------------------------- 2. worker kill and a crash in a save, max_failures=2
 
 
 def test_a_killed_worker_and_a_worker_crashing_inside_a_save_are_replaced_and_the_run_ends_identical(
@@ -167,9 +167,8 @@ def test_a_killed_worker_and_a_worker_crashing_inside_a_save_are_replaced_and_th
     run_dir = pretrain(debug_job(tmp_path, "run.name=kill", *LONG, "train.max_failures=2"))
     fired = {p.name: p.read_text().strip() for p in (tmp_path / "fired").iterdir()}  # "pid P step S"
     print("fired:", fired)
-    assert sorted(fired) == sorted(re.sub(r"[^\w.-]", "_", f) for f in (kill, save_crash))
-    killed_at = int(fired[re.sub(r"[^\w.-]", "_", kill)].split()[-1])
-    crashed_at = int(fired[re.sub(r"[^\w.-]", "_", save_crash)].split()[-1])
+    assert sorted(fired) == sorted(faults.once_file(f) for f in (kill, save_crash))
+    killed_at, crashed_at = (int(fired[faults.once_file(f)].split()[-1]) for f in (kill, save_crash))
     resumed = [m["step"] for m in read_lines(run_dir) if "resumed_from" in m]
     lost = killed_at - 1 - resumed[0]  # steps finished before the kill and done again
     diff = max_diff(checkpoint_tensors(f"{run_dir}/checkpoint_00000040"), ref_final)
@@ -400,6 +399,7 @@ from pathlib import Path
 from conftest import debug_job
 from test_faults import LOCAL, snapshot_engine, same
 from ptm_dist import checkpoint as ck
+from ptm_dist import faults
 from ptm_dist.faults import InjectedFault
 from ptm_dist.train.local import run_local
 

@@ -183,7 +183,8 @@ def assert_matches_plain_pytorch(cfg, run_dir) -> None:
     assert abs(first_eval - ref) / ref < 1e-5
 
 
-# ZeRO-0 is checked by test_resume_false_starts_a_new_directory..., on the run it starts.
+# ZeRO-0 is checked on the run test_resume_false_starts_a_new_directory_and_zero0_matches_plain_pytorch
+# starts.
 # ZeRO-3 evaluates 33 held-out sequences on 2 workers: 17 and 16, in 5 and 4 micro batches of 4,
 # so the second rank must make a fifth forward pass that counts nothing (ZeRO-3 forwards are
 # collective; without it the run hangs at its first evaluation).
