@@ -32,7 +32,10 @@ def init_single_process(device: torch.device) -> None:
         # of its own) would point this group at a port that process holds.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        # An in-process store: a group of one needs no TCP rendezvous, and binding MASTER_PORT
+        # raced with other processes (two sweep trials starting at once: EADDRINUSE).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

@@ -305,6 +305,8 @@ def log_sweep(cfg, sweep_dir: str, group: str | None = None) -> Tracker:
 
 
 def _cell(text: str):
+    if text == "":  # an errored or unfinished trial's missing metric: a gap in a number column
+        return None
     if "_" in text:  # int() and float() accept digit separators: trial ids like 71002_00000
         return text
     try:

@@ -125,3 +125,16 @@ def test_gpu_peaks_match_whole_names_variants_first():
     assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu_peak_flops("NVIDIA A10") == 125e12 and gpu_peak_flops("NVIDIA A10G") is None
     assert gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_an_errored_trials_empty_metric_is_a_gap_in_the_sweep_table():
+    """trials.csv leaves an errored trial's metric empty; the sweep's wandb table must take that
+    row (a string in a number column made `ptm tune` end in wandb's TypeError)."""
+    import wandb
+
+    from ptm_dist.tracking import _cell
+
+    rows = [["t1", "TERMINATED", "2", "0.52"], ["t2", "ERROR", "0", ""]]
+    table = wandb.Table(columns=["trial_id", "status", "epochs", "accuracy"],
+                        data=[[_cell(c) for c in r] for r in rows])
+    assert table.data == [["t1", "TERMINATED", 2, 0.52], ["t2", "ERROR", 0, None]]
