@@ -319,9 +319,14 @@ class TrackingSection(_Section):
 
 
 class FinetuneSection(_Section):
-    """`ptm finetune`: sequence classification from a pretrained model (see README, Fine-tuning)."""
+    """`ptm finetune`: sequence or token classification from a pretrained model (README, Fine-tuning)."""
 
     name: str = Field("finetune", description="Fine-tuning run name; its directory is <run.storage>/<name>.")
+    task: Literal["sequence_classification", "token_classification"] = Field(
+        "sequence_classification",
+        description="sequence_classification: one label per text; token_classification: one tag per "
+        "word (rows of tokens and tags; tags O or B-/I-/E-/S-TYPE), entity-level metrics.",
+    )
     init: str | None = Field(
         None,
         description="Start model: a ptm run or checkpoint directory (exported to Hugging Face format "
@@ -330,8 +335,10 @@ class FinetuneSection(_Section):
     )
     data: str = Field(
         "builtin",
-        description="Labeled examples: 'builtin' (docstrings of Python's standard library labeled "
-        "with their module family), or a jsonl, csv or parquet file or glob.",
+        description="Labeled examples: 'builtin' (sequence_classification: docstrings of Python's "
+        "standard library labeled with their module family; token_classification: lines of its code "
+        "with their module, function, class and keyword-argument names tagged), or a jsonl, csv or "
+        "parquet file or glob (token_classification: jsonl or parquet).",
     )
     val_data: str | None = Field(
         None, description="Validation file or glob. Empty: val_fraction of data, split per label."
@@ -342,6 +349,8 @@ class FinetuneSection(_Section):
     )
     text_column: str = Field("text", description="Column holding the text.")
     label_column: str = Field("label", description="Column holding the label (strings or integers).")
+    tokens_column: str = Field("tokens", description="token_classification: column holding the list of words.")
+    tags_column: str = Field("tags", description="token_classification: column holding one tag per word.")
     max_length: int = Field(128, ge=4, le=131072, description="Tokens per example; longer texts are cut.")
     epochs: int = Field(4, ge=1, description="Passes over the training examples.")
     batch_size: int = Field(16, ge=1, description="Examples per worker per optimizer step.")
@@ -378,8 +387,12 @@ class TuneSection(_Section):
     )
     num_samples: int = Field(8, ge=1, description="Trials (times the grid's size when the space has grid entries).")
     max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
-    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "eval_loss"] = Field(
-        "accuracy", description="Validation metric that ranks trials (and picks each run's best epoch)."
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "f1", "precision", "recall",
+                    "eval_loss"] = Field(
+        "accuracy",
+        description="Validation metric that ranks trials (and picks each run's best epoch). accuracy and "
+        "eval_loss: both tasks; f1_macro, precision_macro, recall_macro: sequence_classification; f1, "
+        "precision, recall (entity level): token_classification.",
     )
     mode: Literal["max", "min"] = Field("max", description="Whether a higher or lower metric is better.")
     grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it may be stopped.")
@@ -442,6 +455,17 @@ class JobConfig(_Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> JobConfig:
+        task_metrics = {"sequence_classification": ("f1_macro", "precision_macro", "recall_macro"),
+                        "token_classification": ("f1", "precision", "recall")}
+        mine = task_metrics[self.finetune.task]
+        other = [m for ms in task_metrics.values() for m in ms if m not in mine]
+        if self.tune.metric in other:
+            raise ValueError(f"tune.metric {self.tune.metric} is not measured for finetune.task "
+                             f"{self.finetune.task}; use accuracy, eval_loss, {', '.join(mine)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -244,7 +244,7 @@ def _pretrain_tables(run_dir: str, lines: list[dict], job: dict) -> tuple[list, 
 
 
 _OTHERS = [f"C{k}" for k in range(10) if k != 3]  # C3 (red) marks the best trial
-_SCORES = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
+_SCORES = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1", "precision", "recall")
 
 
 def _finetune_figures(lines: list[dict], out: Path, figures: list) -> None:

@@ -47,16 +47,32 @@ def resolve_start(cfg: JobConfig, out_dir: str) -> str:
 
 def prepare_task(cfg: JobConfig, base_dir: str) -> tuple[dict, dict]:
     """(tokenized task for the workers, a description: labels, sizes, majority baseline)."""
-    from ptm_dist.finetune.task import load_task, tokenize
     from ptm_dist.finetune.worker import load_tokenizer
 
-    task = load_task(cfg.finetune, cache_dir(cfg))
     tok = load_tokenizer(base_dir)
-    data = tokenize(task, tok, cfg.finetune.max_length)
+    if cfg.finetune.task == "token_classification":
+        from ptm_dist.finetune.tagging import load_tagging_task, tokenize_tagged
+
+        task = load_tagging_task(cfg.finetune, cache_dir(cfg))
+        data = tokenize_tagged(task, tok, cfg.finetune.max_length)
+        n_train, n_val, what = len(task.train_words), len(task.val_words), "tags"
+        baseline_of = "majority-tag baseline: word accuracy"
+    else:
+        from ptm_dist.finetune.task import load_task, tokenize
+
+        task = load_task(cfg.finetune, cache_dir(cfg))
+        data = tokenize(task, tok, cfg.finetune.max_length)
+        n_train, n_val, what = len(task.train_texts), len(task.val_texts), "labels"
+        baseline_of = "majority-class baseline accuracy"
     label, baseline = task.majority_baseline()
-    info = {"source": task.source, "labels": task.labels, "train": len(task.train_texts),
-            "val": len(task.val_texts), "majority_label": label, "majority_baseline": baseline,
-            "pad_id": tok.pad_token_id}
-    print(f"{LOG_PREFIX} task {task.source}: {info['train']} training / {info['val']} validation examples, "
-          f"{len(task.labels)} labels; majority-class baseline accuracy {baseline:.4f} ({label})", flush=True)
+    info = {"task": cfg.finetune.task, "source": task.source, "labels": task.labels, "train": n_train,
+            "val": n_val, "majority_label": label, "majority_baseline": baseline, "pad_id": tok.pad_token_id}
+    print(f"{LOG_PREFIX} task {task.source}: {n_train} training / {n_val} validation examples, "
+          f"{len(task.labels)} {what}; {baseline_of} {baseline:.4f} ({label})", flush=True)
     return data, info
+
+
+def baseline_name(info: dict) -> str:
+    if info.get("task") == "token_classification":
+        return "majority-tag baseline: word accuracy"
+    return "majority-class baseline accuracy"

@@ -19,7 +19,7 @@ from pathlib import Path
 from ptm_dist import launch, runlogs, storage
 from ptm_dist.config import JobConfig
 from ptm_dist.engine import check_precision
-from ptm_dist.finetune.driver import prepare_task, require_local_storage, resolve_start
+from ptm_dist.finetune.driver import baseline_name, prepare_task, require_local_storage, resolve_start
 from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read_epochs
 
 
@@ -56,15 +56,16 @@ def finetune(cfg: JobConfig) -> str:
 def print_summary(run_dir: str, info: dict, cfg: JobConfig, seconds: float, logs: str | None = None) -> None:
     epochs = read_epochs(run_dir)
     print("\n== ptm finetune summary ==")
-    print(f"{'epoch':>5} {'loss':>8} {'eval_loss':>9} {'accuracy':>8} {'f1_macro':>8}")
+    f1 = "f1" if cfg.finetune.task == "token_classification" else "f1_macro"
+    print(f"{'epoch':>5} {'loss':>8} {'eval_loss':>9} {'accuracy':>8} {f1:>8}")
     best = None
     for r in epochs:
-        print(f"{r['epoch']:>5} {r['loss']:>8.4f} {r['eval_loss']:>9.4f} {r['accuracy']:>8.4f} {r['f1_macro']:>8.4f}")
+        print(f"{r['epoch']:>5} {r['loss']:>8.4f} {r['eval_loss']:>9.4f} {r['accuracy']:>8.4f} {r[f1]:>8.4f}")
         if better(r[cfg.tune.metric], best and best[cfg.tune.metric], cfg.tune.mode):
             best = r
     if best:
         print(f"best epoch {best['epoch']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
-              f"(majority-class baseline accuracy {info['majority_baseline']:.4f})")
+              f"({baseline_name(info)} {info['majority_baseline']:.4f})")
     print(f"best model: {Path(run_dir) / 'best'}")
     if logs:
         print(f"logs: {logs} (library output; --verbose or PTM_VERBOSE=1 shows it here)")

@@ -33,6 +33,7 @@ from ptm_dist.config import JobConfig, apply_override
 from ptm_dist.errors import ConfigError
 from ptm_dist.finetune.driver import (
     LOG_PREFIX,
+    baseline_name,
     prepare_task,
     require_local_storage,
     resolve_start,
@@ -343,6 +344,6 @@ def print_summary(summary: dict, info: dict, cfg: JobConfig, seconds: float) -> 
     print(f"trials: {len(rows)}; epochs run: {summary['total_epochs']} of {len(rows) * cfg.finetune.epochs} "
           f"(trials x finetune.epochs) with scheduler {cfg.tune.scheduler}")
     if best is not None:
-        print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; majority-class baseline "
-              f"accuracy {info['majority_baseline']:.4f}")
+        print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; {baseline_name(info)} "
+              f"{info['majority_baseline']:.4f}")
     print(f"wall time: {seconds:.0f}s")

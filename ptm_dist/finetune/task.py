@@ -73,7 +73,8 @@ def _mask(text: str, module: str) -> str:
     return re.sub(pattern, "module", text, flags=re.IGNORECASE) if len(pattern) > 8 else text
 
 
-def _key(text: str) -> str:
+def example_key(text: str) -> str:
+    """A stable hash of a text: the order in which examples are picked and split."""
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -93,7 +94,7 @@ def ensure_builtin_task(cache: Path) -> Path:
         module = ".".join(p for p in parts if p != "__init__")
         for doc in docstrings(path):
             text = _mask(doc, module)
-            by_label[fam].setdefault(_key(text), text)  # identical docstrings once
+            by_label[fam].setdefault(example_key(text), text)  # identical docstrings once
     short = {fam: len(d) for fam, d in by_label.items() if len(d) < PER_LABEL}
     if short:
         raise DataError(f"built-in task: too few docstrings for {short} in this Python installation")
@@ -106,7 +107,7 @@ def ensure_builtin_task(cache: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".task-", dir=out.parent))
     try:
         for split, items in rows.items():
-            items.sort(key=lambda r: _key(r["label"] + r["text"]))
+            items.sort(key=lambda r: example_key(r["label"] + r["text"]))
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
         meta = {"labels": list(FAMILIES), "train": len(rows["train"]), "val": len(rows["val"]),
                 "families": {k: list(v) for k, v in FAMILIES.items()}}
@@ -165,27 +166,35 @@ def _rows(path: Path, fmt: str, what: str):
             yield f"row {n}", row
 
 
-def read_examples(spec: str, fmt: str, text_col: str, label_col: str, what: str) -> list[tuple[str, object]]:
-    out = []
+def file_rows(spec: str, fmt: str, what: str):
+    """(path, format, row description, mapping) of every row of the files ``spec`` names."""
     for path in _files(spec, what):
         kind = _format(path, fmt, what)
+        seen = False
         for where, row in _rows(path, kind, what):
-            for col in (text_col, label_col):
-                if col not in row:
-                    raise DataError(f"{what} {path} {where}: no column {col!r} (columns: "
-                                    f"{', '.join(map(str, row))}); set finetune.text_column / label_column")
-            text, label = row[text_col], row[label_col]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{what} {path} {where}: {text_col!r} must be non-empty text, got {text!r}")
-            if isinstance(label, float) and label.is_integer():
-                label = int(label)
-            if isinstance(label, str) and label.strip().lstrip("-").isdigit() and kind == "csv":
-                label = int(label)
-            if not isinstance(label, (str, int)) or isinstance(label, bool) or label == "":
-                raise DataError(f"{what} {path} {where}: label {label!r} must be a string or an integer")
-            out.append((text, label))
-        if not out:
+            seen = True
+            yield path, kind, where, row
+        if not seen:
             raise DataError(f"{what} {path}: no examples")
+
+
+def read_examples(spec: str, fmt: str, text_col: str, label_col: str, what: str) -> list[tuple[str, object]]:
+    out = []
+    for path, kind, where, row in file_rows(spec, fmt, what):
+        for col in (text_col, label_col):
+            if col not in row:
+                raise DataError(f"{what} {path} {where}: no column {col!r} (columns: "
+                                f"{', '.join(map(str, row))}); set finetune.text_column / label_column")
+        text, label = row[text_col], row[label_col]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{what} {path} {where}: {text_col!r} must be non-empty text, got {text!r}")
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit() and kind == "csv":
+            label = int(label)
+        if not isinstance(label, (str, int)) or isinstance(label, bool) or label == "":
+            raise DataError(f"{what} {path} {where}: label {label!r} must be a string or an integer")
+        out.append((text, label))
     return out
 
 
@@ -206,14 +215,15 @@ class Task:
         return self.labels[top], sum(y == top for y in self.val_labels) / len(self.val_labels)
 
 
-def _split(examples: list, fraction: float) -> tuple[list, list]:
-    """Hold out ``fraction`` of each label's examples (hash-ordered, so reruns agree)."""
+def split_examples(examples: list, fraction: float, key=lambda ex: ex[0], group=lambda ex: ex[1]) -> tuple[list, list]:
+    """Hold out ``fraction`` of each group's examples (by default: each label's), hash-ordered
+    by ``key`` so that reruns agree; ``group=None`` holds out ``fraction`` of all examples."""
     by_label: dict = {}
     for ex in examples:
-        by_label.setdefault(ex[1], []).append(ex)
+        by_label.setdefault(group(ex) if group else None, []).append(ex)
     train, val = [], []
     for items in by_label.values():
-        items.sort(key=lambda e: _key(e[0]))
+        items.sort(key=lambda e: example_key(key(e)))
         n_val = round(len(items) * fraction) if len(items) > 1 else 0
         val += items[:n_val]
         train += items[n_val:]
@@ -233,7 +243,7 @@ def load_task(ft, cache: Path) -> Task:
         if ft.val_data:
             val = read_examples(ft.val_data, ft.format, ft.text_column, ft.label_column, "finetune.val_data")
         else:
-            train, val = _split(train, ft.val_fraction)
+            train, val = split_examples(train, ft.val_fraction)
         kinds = {type(y) for _, y in train + val}
         if len(kinds) > 1:
             raise DataError(f"finetune.data {ft.data}: labels mix strings and integers; use one kind")

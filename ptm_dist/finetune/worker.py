@@ -1,10 +1,11 @@
-"""The fine-tuning loop on each worker: sequence classification with a DeepSpeed engine.
+"""The fine-tuning loop on each worker: sequence or token classification with a DeepSpeed engine.
 
-    model = AutoModelForSequenceClassification(start model) -> engine (ptm_dist.engine: the same
-    ZeRO config, AdamW and warmup + cosine schedule as pretraining) -> restore the last epoch's
-    checkpoint -> per epoch: train on this rank's slice -> evaluate (loss, accuracy, macro
-    precision/recall/F1 over all ranks) -> metrics.jsonl -> best/ when the metric improved
-    -> checkpoint and report (every rank, every epoch)
+    model = AutoModelFor{Sequence,Token}Classification(start model) -> engine (ptm_dist.engine:
+    the same ZeRO config, AdamW and warmup + cosine schedule as pretraining) -> restore the last
+    epoch's checkpoint -> per epoch: train on this rank's slice -> evaluate over all ranks (loss,
+    accuracy, and macro precision/recall/F1 per class, or entity-level precision/recall/F1 per
+    tag sequence) -> metrics.jsonl -> best/ when the metric improved -> checkpoint and report
+    (every rank, every epoch)
 
 It runs as a Ray Train worker (``finetune_worker``, inside ``ptm finetune`` and multi-worker
 sweep trials) or as a world of one in a Ray Tune trial's own process (``run_in_trial``); the
@@ -30,6 +31,7 @@ from ptm_dist.checkpoint import DS_TAG
 from ptm_dist.config import JobConfig
 from ptm_dist.dist import init_single_process, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, OptimSpec, manual_clip, prepare
+from ptm_dist.finetune.tagging import IGNORE, tagging_metrics
 from ptm_dist.tracking import Tracker, forget_inherited_wandb_service, start_finetune
 
 
@@ -40,7 +42,8 @@ class FinetuneSpec:
     job: JobConfig  # the trial's job in a sweep: the sweep's job with the trial's values
     out_dir: str  # the run directory, or trials/<trial_id> of a sweep
     base_dir: str  # the start model, a Hugging Face directory
-    task: dict  # tokenized task: labels, train_ids, train_labels, val_ids, val_labels
+    task: dict  # tokenized task: labels, train_ids, train_labels, val_ids, val_labels (token
+    # classification: kind, per-token labels and val_tags, every validation word's tag)
     pad_id: int
     trial_id: str | None = None
 
@@ -62,9 +65,10 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
-def load_model(model_dir: str, labels: list[str], pad_id: int, seed: int):
-    """AutoModelForSequenceClassification from ``model_dir`` with a new, seeded head."""
-    from transformers import AutoModelForSequenceClassification
+def load_model(model_dir: str, labels: list[str], pad_id: int, seed: int, kind: str = "sequence_classification"):
+    """AutoModelForSequenceClassification (or ...ForTokenClassification) from ``model_dir``
+    with a new, seeded head."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
@@ -72,7 +76,8 @@ def load_model(model_dir: str, labels: list[str], pad_id: int, seed: int):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        auto = AutoModelForTokenClassification if kind == "token_classification" else AutoModelForSequenceClassification
+        model = auto.from_pretrained(
             model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)}, pad_token_id=pad_id, dtype=torch.float32,
         )
@@ -91,6 +96,15 @@ def engine_spec(cfg: JobConfig, total_steps: int) -> EngineSpec:
                       micro_batch=ft.batch_size, grad_accum=1, betas=tuple(cfg.train.betas))
     z = cfg.zero
     return EngineSpec(optim, z.stage, z.offload_optimizer, z.offload_params, cfg.train.precision)
+
+
+def pad_labels(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Per-token labels right-padded with IGNORE to the longest row."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out.to(device)
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +170,9 @@ class EpochLog:
                 progress += f", eta {left * sum(self.epoch_seconds) / len(self.epoch_seconds):.0f}s"
             progress += ")"
         of = f"/{self.total_epochs}" if self.total_epochs else ""
+        f1 = "f1" if "f1" in record else "f1_macro"
         print(f"{self.prefix} epoch {record['epoch']}{of}: loss {record['loss']:.4f} eval_loss "
-              f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} f1_macro {record['f1_macro']:.4f}"
+              f"{record['eval_loss']:.4f} accuracy {record['accuracy']:.4f} {f1} {record[f1]:.4f}"
               f"{progress}", flush=True)
 
 
@@ -183,6 +198,7 @@ class FinetuneRun:
         ft = cfg.finetune
         task = spec.task
         self.labels: list[str] = task["labels"]
+        self.kind: str = task.get("kind", "sequence_classification")
         self.pad_id: int = spec.pad_id
         self.train_ids, self.train_y = task["train_ids"], task["train_labels"]
         self.val_ids, self.val_y = task["val_ids"], task["val_labels"]
@@ -191,7 +207,7 @@ class FinetuneRun:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(self.train_ids)} training examples are fewer than one step of "
                              f"{world} workers x finetune.batch_size {self.batch}")
-        model = load_model(spec.base_dir, self.labels, self.pad_id, cfg.run.seed)
+        model = load_model(spec.base_dir, self.labels, self.pad_id, cfg.run.seed, self.kind)
         self.engine_spec = engine_spec(cfg, self.steps_per_epoch * ft.epochs)
         self.engine, self.precision = prepare(model, self.engine_spec, device)
         self.clip = manual_clip(self.engine_spec, self.precision)
@@ -227,7 +243,7 @@ class FinetuneRun:
         for s in range(self.steps_per_epoch):
             idx = mine[s * self.batch : (s + 1) * self.batch]
             ids, mask = pad_batch([self.train_ids[i] for i in idx], self.pad_id, self.device)
-            y = torch.as_tensor([self.train_y[i] for i in idx], device=self.device)
+            y = self._labels(self.train_y, idx)
             loss = self.engine(input_ids=ids, attention_mask=mask, labels=y).loss
             self.engine.backward(loss)
             if self.clip > 0:
@@ -236,6 +252,11 @@ class FinetuneRun:
             total += loss.detach().float()
             self.step += 1
         return mean_over_ranks(total / self.steps_per_epoch)
+
+    def _labels(self, labels: list, idx) -> torch.Tensor:
+        if self.kind == "token_classification":
+            return pad_labels([labels[i] for i in idx], self.device)
+        return torch.as_tensor([labels[i] for i in idx], device=self.device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -253,11 +274,18 @@ class FinetuneRun:
             ids, mask = pad_batch(rows, self.pad_id, self.device)
             logits = self.engine(input_ids=ids, attention_mask=mask).logits.float()
             if idx:
-                y = torch.as_tensor([self.val_y[i] for i in idx], device=self.device)
-                loss_sum[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                loss_sum[1] += len(idx)
-                preds += logits.argmax(-1).tolist()
-                golds += y.tolist()
+                y = self._labels(self.val_y, idx)
+                flat = logits.reshape(-1, logits.shape[-1])
+                loss_sum[0] += torch.nn.functional.cross_entropy(flat, y.reshape(-1), reduction="sum",
+                                                                 ignore_index=IGNORE)
+                loss_sum[1] += int((y != IGNORE).sum())
+                if self.kind == "token_classification":
+                    # A word's prediction is its first sub-word's (the labelled positions, in order).
+                    for row, i in enumerate(idx):
+                        preds.append((i, logits[row].argmax(-1)[y[row] != IGNORE].tolist()))
+                else:
+                    preds += logits.argmax(-1).tolist()
+                    golds += y.tolist()
         self.engine.module.train()
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(loss_sum)
@@ -265,9 +293,25 @@ class FinetuneRun:
             dist.all_gather_object(gathered, (preds, golds))
             preds = [p for g in gathered for p in g[0]]
             golds = [y for g in gathered for y in g[1]]
-        out = classification_metrics(np.array(preds), np.array(golds), len(self.labels))
+        if self.kind == "token_classification":
+            out = self._tagging_metrics(dict(preds))
+        else:
+            out = classification_metrics(np.array(preds), np.array(golds), len(self.labels))
         out["eval_loss"] = float(loss_sum[0] / loss_sum[1])
         return out
+
+    def _tagging_metrics(self, preds: dict[int, list[int]]) -> dict[str, float]:
+        """Entity-level metrics over every validation word: a word that max_length cut off
+        counts as predicted O."""
+        names, task = self.labels, self.spec.task
+        gold = [[names[t] for t in tags] for tags in task["val_tags"]]
+        pred = []
+        for i, g in enumerate(gold):
+            row = ["O"] * len(g)
+            for word, t in zip(task["val_words"][i], preds[i], strict=True):
+                row[word] = names[t]
+            pred.append(row)
+        return tagging_metrics(pred, gold)
 
     def state_dict_fp32(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights on rank 0 (all ranks must call it: ZeRO-3 gathers them)."""
