@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain a model. Resumes <run.storage>/<run.name> when it has a checkpoint.",
                        epilog=_EPILOG)
     _job_args(p)
-    p = sub.add_parser("finetune", help="fine-tune for sequence classification (Ray Train + DeepSpeed)",
+    p = sub.add_parser("finetune", help="fine-tune for sequence or token classification (Ray Train + DeepSpeed)",
                        description="Fine-tune finetune.init (default: this job's pretraining run, trained "
-                       "first when missing) on finetune.data (default: the built-in task). Resumes "
+                       "first when missing) on finetune.data (default: the built-in task of finetune.task, sequence_"
+                       "classification or token_classification). Resumes "
                        "<run.storage>/<finetune.name>; ends with run_dir: <path>.", epilog=_EPILOG)
     _job_args(p)
     p = sub.add_parser("tune", help="Ray Tune sweep over the fine-tuning hyperparameters (ASHA by default)",

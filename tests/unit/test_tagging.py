@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from ft_helpers import plain_transformers_tagging
 from hub_helpers import make_hub_model
 
 from ptm_dist.config import FinetuneSection, load
@@ -170,46 +171,6 @@ def test_builtin_tagging_task(cache_dir, tmp_path):
 # ---------------------------------------------------------------- fine-tuning on it
 
 
-def _plain_transformers_scores(best: Path, val_rows: list[dict], max_length: int) -> tuple[float, int, int]:
-    """(word accuracy, entities found, gold entities) of an exported model, one row at a time,
-    with plain transformers: a word's tag is its first token's prediction (B/I tags only)."""
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(best))
-    model = AutoModelForTokenClassification.from_pretrained(str(best)).eval()
-    names = model.config.id2label
-
-    def spans(tags):
-        out, cur = set(), None
-        for i, t in enumerate([*tags, "O"]):
-            if cur and not (t.startswith("I-") and t[2:] == cur[0]):
-                out.add((cur[0], cur[1], i - 1))
-                cur = None
-            if t.startswith("B-") or (t.startswith("I-") and cur is None):
-                cur = (t[2:], i)
-        return out
-
-    right = words = found = n_gold = 0
-    with torch.no_grad():
-        for r in val_rows:
-            text = " ".join(r["tokens"])
-            starts = [sum(len(w) + 1 for w in r["tokens"][:i]) for i in range(len(r["tokens"]))]
-            enc = tok(text, truncation=True, max_length=max_length, return_offsets_mapping=True, return_tensors="pt")
-            offsets = enc.pop("offset_mapping")[0].tolist()
-            pred_ids = model(**enc).logits[0].argmax(-1).tolist()
-            pred = ["O"] * len(r["tokens"])
-            for (a, b), p in zip(offsets, pred_ids, strict=True):
-                a = a + 1 if b > a and text[a] == " " else a
-                if b > a and a in starts:
-                    pred[starts.index(a)] = names[p]
-            right += sum(p == g for p, g in zip(pred, r["tags"], strict=True))
-            words += len(pred)
-            found += len(spans(pred) & spans(r["tags"]))
-            n_gold += len(spans(r["tags"]))
-    return right / words, found, n_gold
-
-
 def test_finetuning_on_the_builtin_task_beats_the_majority_baseline(tmp_path_factory, cache_dir, tmp_path):
     """3 epochs from a random debug GPT-2 through a real DeepSpeed ZeRO-2 engine in this process;
     best/ is an AutoModelForTokenClassification whose scores plain transformers reproduces."""
@@ -248,6 +209,6 @@ def test_finetuning_on_the_builtin_task_beats_the_majority_baseline(tmp_path_fac
     assert best["f1"] > 0.3, best  # the majority baseline finds no entity at all
     root = ensure_builtin_tagging(cache_dir)
     val_rows = [json.loads(ln) for ln in (root / "val.jsonl").read_text().splitlines()]
-    acc, found, n_gold = _plain_transformers_scores(out / "best", val_rows, max_length=48)
+    acc, found, n_gold = plain_transformers_tagging(out / "best", val_rows, max_length=48)
     assert acc == pytest.approx(best["accuracy"], abs=1e-9)
     assert found / n_gold == pytest.approx(best["recall"], abs=1e-9)
