@@ -229,6 +229,19 @@ class TrainSection(_Section):
     )
     eval_every: int = Field(100, ge=1, description="Evaluate on held-out data every N steps (and at 0 and the end).")
     eval_sequences: int = Field(64, ge=1, description="Held-out sequences per evaluation (all workers together).")
+    eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="Downstream tasks scored with lm-evaluation-harness on the weights being trained "
+        "(causal models): built-in names (ptm_builtin_word_order, ptm_builtin_docstrings; offline), "
+        "the harness's task names (each node downloads their data) or paths of local task YAML files. "
+        "Logged as eval/<task>/<metric>; timed apart from training.",
+    )
+    eval_tasks_every: int = Field(
+        0, ge=0, description="Score train.eval_tasks every N steps (and at step 0 and the end); 0: at the end only."
+    )
+    eval_tasks_limit: int | None = Field(
+        200, ge=1, description="Items per task and evaluation (the harness's limit); null: every item."
+    )
     ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_ckpts: int = Field(2, ge=1, description="Complete checkpoints kept; the newest is never deleted.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
@@ -255,6 +268,16 @@ class TrainSection(_Section):
         "train.spike_patience steps (counted as loss_spikes in metrics). 0: no warning.",
     )
     spike_patience: int = Field(5, ge=1, description="Steps the loss must stay high before a spike warning.")
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _task_names(cls, tasks: list[str]) -> list[str]:
+        for t in tasks:
+            if not (t.endswith((".yaml", ".yml")) or re.fullmatch(r"[\w.\-]+", t)):
+                raise ValueError(f"train.eval_tasks: {t!r} is neither a task name nor a task YAML file (*.yaml)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"train.eval_tasks: a task is listed twice ({', '.join(tasks)})")
+        return tasks
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSection:

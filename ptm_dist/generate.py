@@ -15,7 +15,6 @@ SUMMARY_PROMPT, so a user sees at once whether the model learned anything.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from transformers.generation.streamers import TextStreamer
 
 from ptm_dist import storage
 from ptm_dist.errors import ConfigError, user_message
+from ptm_dist.runlogs import quiet_output
 
 SUMMARY_PROMPT = "The"
 SUMMARY_TOKENS = 24
@@ -120,35 +120,6 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(level)
-
-
-@contextlib.contextmanager
-def quiet_output() -> Iterator[None]:
-    """What the libraries print while a model is exported and loaded (DeepSpeed's messages,
-    progress bars), at the file-descriptor level: into the open RunLogs' driver log, else nowhere;
-    PTM_VERBOSE=1 (--verbose) shows it."""
-    from ptm_dist import runlogs
-
-    if runlogs.verbose():
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    logs = runlogs.active()
-    # In a command that keeps <run_dir>/logs/ (pretrain's summary), fd 2 already goes there.
-    sink = os.dup(2) if logs is not None and logs.redirected else os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(sink, 1)
-        os.dup2(sink, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, sink):
-            os.close(fd)
 
 
 class Generator:

@@ -145,8 +145,8 @@ def resolve_init(cfg, cache: Path, cluster: bool = False) -> ModelStart | None:
 def check_model(cfg, start: ModelStart | None, tokenizer_dir: Path, vocab_size: int) -> None:
     """Driver-side checks of the model a job trains, each a one-line ConfigError: the family and
     ``model.config`` fields exist, the config is valid, the tokenizer fits the model's vocabulary
-    and a masked LM's tokenizer has a mask token. Imports transformers only when the model is
-    not a plain registry one."""
+    and a masked LM's tokenizer has a mask token (and no train.eval_tasks: those score causal
+    LMs). Imports transformers only when the model is not a plain registry one."""
     from tokenizers import Tokenizer
 
     from ptm_dist.data.tokenizer import has_mask
@@ -175,6 +175,9 @@ def check_model(cfg, start: ModelStart | None, tokenizer_dir: Path, vocab_size: 
         raise ConfigError(f"the tokenizer {tokenizer_dir} has {vocab_size} tokens but the model's vocabulary "
                           f"(vocab_size) has {model_vocab}; use the model's own tokenizer (leave "
                           "data.tokenizer.path empty)")
+    if not causal and cfg.train.eval_tasks:
+        raise ConfigError(f"train.eval_tasks {', '.join(cfg.train.eval_tasks)}: the model is a masked LM; the "
+                          "harness scores causal models (leave train.eval_tasks empty)")
     if not causal and not has_mask(tokenizer_dir, tok):
         raise ConfigError(f"the model is a masked LM but the tokenizer {tokenizer_dir} names no mask token "
                           "(mask_token in tokenizer_config.json)")

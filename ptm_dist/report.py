@@ -158,6 +158,19 @@ def _pretrain_figures(lines: list[dict], out: Path, figures: list) -> None:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         _save(fig, out, "lr.png", figures, "Learning rate (warmup, then train.schedule)")
 
+    task_keys = _task_keys(lines)
+    if task_keys:  # train.eval_tasks (and ptm eval of the run): lm-evaluation-harness scores
+        scored = [m for m in lines if any(k in m for k in task_keys)]
+        tx = "tokens" if all("tokens" in m for m in scored) else "step"
+        fig, ax = _figure("Downstream tasks (lm-evaluation-harness)", "tokens seen" if tx == "tokens" else
+                          "optimizer step", "score")
+        for key in task_keys:
+            ax.plot(*_series(scored, tx, key), "o-", label=key[len("eval/"):], ms=4, lw=1.2)
+        if tx == "tokens":
+            _engineering(ax)
+        ax.legend()
+        _save(fig, out, "eval_tasks.png", figures, "Downstream task scores against tokens seen")
+
     steps, tps = _series(train, "step", "tokens_per_s")
     fig, ax = _figure("Throughput", "optimizer step", "tokens/s (all workers)")
     ax.plot(steps, tps, lw=1.2, label="per log window")
@@ -195,6 +208,11 @@ def _pretrain_figures(lines: list[dict], out: Path, figures: list) -> None:
         _save(fig, out, "grad_norm.png", figures, "Gradient norm")
 
 
+def _task_keys(lines: list[dict]) -> list[str]:
+    """The ``eval/<task>/<metric>`` keys of a run's metrics, in order of first appearance."""
+    return list(dict.fromkeys(k for m in lines for k in m if k.startswith("eval/")))
+
+
 def _pretrain_tables(run_dir: str, lines: list[dict], job: dict) -> tuple[list, list]:
     train = [m for m in lines if "tokens_per_s" in m]
     evals = [m for m in lines if "eval_loss" in m]
@@ -211,6 +229,11 @@ def _pretrain_tables(run_dir: str, lines: list[dict], job: dict) -> tuple[list, 
         facts.append(["held-out loss, first -> last",
                       f"{first:.4f} -> {final:.4f} ({final / first:.0%} of the first)"])
         facts.append(["held-out perplexity (last)", f"{math.exp(min(final, 50)):.2f}"])
+    for key in _task_keys(lines):
+        scored = [m for m in lines if key in m]
+        first, final = scored[0], scored[-1]
+        facts.append([f"{key[len('eval/'):]}, step {first['step']:,} -> {final['step']:,}",
+                      f"{first[key]:.4f} -> {final[key]:.4f}"])
     hardware: list[list[str]] = []
     ckpt = ckpt_lib.latest_complete_checkpoint(run_dir)
     meta = ckpt_lib.read_meta(ckpt) if ckpt else {}

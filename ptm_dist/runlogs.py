@@ -28,6 +28,7 @@ internal; this module does not import Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self, TextIO
 
@@ -200,3 +202,30 @@ def route(data: dict, ray_print) -> None:
     for line in lines:
         if shown_on_terminal(line):
             progress.print_line(line)
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """What the libraries print while a model is exported and loaded (DeepSpeed's messages,
+    progress bars), at the file-descriptor level: into the open RunLogs' driver log, else nowhere;
+    PTM_VERBOSE=1 (--verbose) shows it."""
+    if verbose():
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    logs = active()
+    # In a command that keeps <run_dir>/logs/ (pretrain's summary), fd 2 already goes there.
+    sink = os.dup(2) if logs is not None and logs.redirected else os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 1)
+        os.dup2(sink, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, sink):
+            os.close(fd)

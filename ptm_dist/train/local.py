@@ -20,6 +20,7 @@ from ptm_dist import storage
 from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.dist import init_single_process
+from ptm_dist.harness import job_tasks
 from ptm_dist.pretrained import check_model, resolve_init
 from ptm_dist.train.loop import Trainer, copy_report, save_checkpoint
 from ptm_dist.train.spec import PretrainSpec
@@ -35,7 +36,7 @@ def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer
     worker_data = data.for_workers()
     check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
     spec = PretrainSpec(job=cfg, run_dir=storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
-                        data=worker_data, start=start, use_ray_data=False)
+                        data=worker_data, start=start, use_ray_data=False, eval_tasks=job_tasks(cfg))
     return Trainer(spec, rank=0, world=1, device=device)
 
 

@@ -2,6 +2,7 @@
 
     model -> DeepSpeed engine -> restore newest complete checkpoint -> for each step:
     stream micro batches -> train_step -> metrics every log_every -> eval every eval_every
+    -> downstream tasks every eval_tasks_every (lm-evaluation-harness, ptm_dist.harness)
     -> checkpoint every ckpt_every (on every rank, through ray.train.report)
 
 Everything needed to resume exactly is restored: weights, optimizer, LR schedule (DeepSpeed),
@@ -10,6 +11,7 @@ step, RNG states and the data position (per rank files).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -102,6 +104,7 @@ class Trainer:
         self.last_step_applied = True
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_patience)
         self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
+        self._tasks = None  # (task manager, tokenizer, files dir) for train.eval_tasks, made on first use
 
     # ------------------------------------------------------------------ state
 
@@ -246,6 +249,71 @@ class Trainer:
             dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
+    def score_tasks(self) -> dict:
+        """A metrics record of train.eval_tasks on the current weights: ``eval/<task>/<metric>``
+        keys and ``eval_tasks_s``. Every rank scores the same items on a whole model of its own
+        with the harness (no collective inside, so no rank waits on another beyond the gather of
+        ZeRO-3 weights, which all ranks enter together at the same step); the random generators
+        the harness reseeds are restored, so training continues as if nothing had run."""
+        from ptm_dist.harness import run_tasks, task_manager
+
+        bundle = self.spec.eval_tasks
+        t0 = time.perf_counter()  # the first call's set-up (the harness's task index) included
+        if self._tasks is None:
+            from transformers import AutoTokenizer
+
+            root = Path(tempfile.mkdtemp(prefix=f"ptm-tasks-rank{self.rank}-"))
+            include = bundle.write(root / "tasks")
+            tok_dir = root / "tokenizer"
+            tok_dir.mkdir()
+            for name, text in self.spec.data.tokenizer_files.items():
+                (tok_dir / name).write_text(text)
+            self._tasks = (task_manager([include] if include else [], bool(bundle.harness_names)),
+                           AutoTokenizer.from_pretrained(str(tok_dir)))
+        manager, tokenizer = self._tasks
+        saved = rng_state()
+        try:
+            with self.whole_model() as model:
+                scores, _, _ = run_tasks(model, tokenizer, list(bundle.names), manager,
+                                         limit=self.cfg.train.eval_tasks_limit, batch_size=self.cfg.train.micro_batch,
+                                         seed=self.cfg.run.seed, quiet=False,
+                                         where=f"train.eval_tasks at step {self.step}")
+        finally:
+            set_rng_state(saved)
+        record: dict = {"step": self.step, "tokens": self.tokens_seen}
+        record.update({f"eval/{task}/{m}": v for task, metrics in scores.items() for m, v in metrics.items()})
+        record["eval_tasks_s"] = time.perf_counter() - t0
+        return record
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """The model being trained, whole and in eval mode: below ZeRO-3 the engine's own module;
+        at ZeRO-3 a copy built from the gathered weights (a forward pass of the partitioned module
+        would fetch and release them again under ZeRO's hooks), dropped afterwards."""
+        module = self.engine.module
+        if self.cfg.zero.stage == 3:
+            import deepspeed
+
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            copy = models.build(self.hf_config)
+            copy.load_state_dict(state)
+            del state
+            copy.to(device=self.device, dtype=params[0].dtype).eval()
+            try:
+                yield copy
+            finally:
+                del copy
+            return
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield module
+        finally:
+            module.train(was_training)
+
     def bad_shards(self) -> dict[str, str]:
         """Bad shards skipped so far by all ranks; more than data.max_bad_shards stops the run
         (each rank also stops as soon as its own count passes the budget)."""
@@ -343,8 +411,19 @@ def _train_loop(spec: PretrainSpec) -> None:
             if board is not None:
                 board.push.remote(record)
 
+    tasks_every = cfg.train.eval_tasks_every
+
+    def score_tasks() -> None:
+        record = tr.score_tasks()
+        write(record)
+        if rank == 0 and board is None:
+            scores = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/"))
+            print(f"[ptm] step {tr.step} eval_tasks {scores} ({record['eval_tasks_s']:.1f} s)", flush=True)
+
     if tr.step == 0:
         write({"step": 0, "eval_loss": tr.evaluate(), "tokens": 0})
+        if spec.eval_tasks is not None:
+            score_tasks()  # the starting weights' scores, to compare the trained ones with
 
     it = iter(tr.stream)
     window: list[tuple[int, torch.Tensor]] = []  # (step, local loss) of applied steps since the last line
@@ -395,6 +474,8 @@ def _train_loop(spec: PretrainSpec) -> None:
             write({"step": tr.step, "eval_loss": eval_loss, "tokens": tr.tokens_seen})
             if rank == 0 and board is None:
                 print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
+        if spec.eval_tasks is not None and (last or (tasks_every and tr.step % tasks_every == 0)):
+            score_tasks()
         if tr.step % cfg.train.ckpt_every == 0 or last:
             save_checkpoint(tr, log)
         paused += time.perf_counter() - t_pause

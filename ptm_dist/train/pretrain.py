@@ -23,6 +23,7 @@ from ptm_dist import faults, launch, progress, runlogs, storage, tracking
 from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
+from ptm_dist.harness import job_tasks
 from ptm_dist.pretrained import check_model, resolve_init
 from ptm_dist.tracking import read_metrics
 
@@ -41,6 +42,7 @@ def pretrain(cfg: JobConfig) -> str:
         data = data.staged(cache_dir(cfg), storage.absolute(cfg.run.storage))
     worker_data = data.for_workers(cache=run_dir)
     check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
+    tasks = job_tasks(cfg)  # train.eval_tasks checked against the harness before Ray starts
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
@@ -59,7 +61,7 @@ def pretrain(cfg: JobConfig) -> str:
           f"{len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}", flush=True)
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        _train(cfg, run_dir, worker_data, logs, start)
+        _train(cfg, run_dir, worker_data, logs, start, tasks)
         from ptm_dist.generate import summary_sample
 
         sample = summary_sample(run_dir)  # inside RunLogs: what the libraries print goes to the logs
@@ -67,7 +69,7 @@ def pretrain(cfg: JobConfig) -> str:
     return run_dir
 
 
-def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None) -> None:
+def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None) -> None:
     import ray
     import ray.train
 
@@ -99,7 +101,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
             first_step = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
             follower = progress.BoardFollower(board, cfg.train.max_steps, first_step)
         spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, start=start, faults=faults.for_workers(),
-                            progress_board=board)
+                            progress_board=board, eval_tasks=tasks)
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),
                                       max_failures=cfg.train.max_failures)
@@ -145,6 +147,16 @@ def summarize(run_dir: str) -> dict:
         out["tokens_per_s"] = sum(rates) / len(rates)
     if evals:
         out.update(first_eval_loss=evals[0]["eval_loss"], eval_loss=evals[-1]["eval_loss"])
+    # train.eval_tasks: each task's main score (acc when the harness gives one), first and last.
+    keys = list(dict.fromkeys(k for m in lines for k in m if k.startswith("eval/")))
+    tasks: dict = {}
+    for key in keys:
+        task, metric = key[len("eval/"):].rsplit("/", 1)
+        if task not in tasks or metric == "acc":
+            scored = [(m["step"], m[key]) for m in lines if key in m]
+            tasks[task] = {"metric": metric, "first": scored[0], "last": scored[-1]}
+    if tasks:
+        out["tasks"] = tasks
     return out
 
 
@@ -158,6 +170,9 @@ def print_summary(run_dir: str, seconds: float, logs: str | None = None, sample:
         ratio = s["eval_loss"] / s["first_eval_loss"]
         print(f"eval loss: {s['first_eval_loss']:.4f} (first) -> {s['eval_loss']:.4f} (last), "
               f"{ratio:.0%} of the first")
+    for task, t in s.get("tasks", {}).items():
+        (s0, v0), (s1, v1) = t["first"], t["last"]
+        print(f"{task} {t['metric']}: {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
     print(f"checkpoint: {s['checkpoint']}")
     if sample:
         print(sample)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ptm_dist.config import JobConfig
 from ptm_dist.data.prepare import WorkerData
+from ptm_dist.harness import TaskBundle
 from ptm_dist.pretrained import ModelStart
 
 
@@ -26,3 +27,4 @@ class PretrainSpec:
     faults: dict[str, str] = field(default_factory=dict)  # PTM_FAULT settings (tests)
     progress_board: Any = None  # a progress.Board actor handle when the driver draws a live bar
     use_ray_data: bool = True  # False: pack shards in the worker's own process (no Ray)
+    eval_tasks: TaskBundle | None = None  # train.eval_tasks with their local task files

@@ -129,13 +129,45 @@ def reference_losses(cfg, world: int) -> list[float]:
     return losses
 
 
+# Downstream tasks scored during the ZeRO-2 and ZeRO-3 runs below, whose losses must still match
+# the plain PyTorch reference step for step (so scoring changes neither weights nor random state).
+EVAL_TASKS = ("train.eval_tasks=[ptm_builtin_word_order]", "train.eval_tasks_every=6", "train.eval_tasks_limit=40")
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, ray_session):
-    """A 12-step ZeRO-2 run with every checkpoint kept (reused by resume and export tests)."""
+    """A 12-step ZeRO-2 run with every checkpoint kept (reused by resume and export tests), that
+    scores a built-in downstream task at steps 0, 6 and 12."""
     tmp = tmp_path_factory.mktemp("zero2")
-    cfg = debug_job(tmp, "run.name=a", "zero.stage=2", "train.keep_ckpts=5")
+    cfg = debug_job(tmp, "run.name=a", "zero.stage=2", "train.keep_ckpts=5", *EVAL_TASKS)
     run_dir = pretrain(cfg)
     return cfg, run_dir
+
+
+def assert_task_scores(cfg, run_dir) -> None:
+    """train.eval_tasks lines at steps 0, 6 and 12 with the harness's metrics; the scoring time is
+    left out of tokens/s (log_every 1: the step-7 line's window is step 7 alone, scored after 6);
+    the step-12 scores are those of `ptm eval` on the step-12 checkpoint (its exported weights,
+    same items), so the scored model is the trained one."""
+    from ptm_dist.config import cache_dir
+    from ptm_dist.evaluate import evaluate
+
+    lines = read_lines(run_dir)
+    key = "eval/ptm_builtin_word_order/acc"
+    scored = [m for m in lines if "eval_tasks_s" in m]
+    assert [m["step"] for m in scored] == [0, 6, 12]
+    assert all(0 <= m[key] <= 1 and 0 <= m["eval/ptm_builtin_word_order/acc_norm"] <= 1 for m in scored)
+    assert [m["tokens"] for m in scored] == [0, 6 * 4 * 32 * 2, 12 * 4 * 32 * 2]
+    step7 = next(m for m in lines if m["step"] == 7 and "tokens_per_s" in m)
+    step7_s = cfg.train.micro_batch * cfg.data.seq_len * 2 * cfg.train.grad_accum / step7["tokens_per_s"]
+    print(f"ZeRO-{cfg.zero.stage}: scores {[m[key] for m in scored]}, scoring at step 6 took "
+          f"{scored[1]['eval_tasks_s']:.2f} s, step 7 {step7_s:.3f} s")
+    assert step7_s < scored[1]["eval_tasks_s"]
+    result = evaluate(f"{run_dir}/checkpoint_00000012", ["ptm_builtin_word_order"], limit=40,
+                      cache=cache_dir(cfg))
+    assert result["step"] == 12
+    assert result["tasks"]["ptm_builtin_word_order"]["acc"] == scored[2][key]
+    assert result["tasks"]["ptm_builtin_word_order"]["acc_norm"] == scored[2]["eval/ptm_builtin_word_order/acc_norm"]
 
 
 def _train_losses(run_dir) -> list[float]:
@@ -188,7 +220,10 @@ def assert_matches_plain_pytorch(cfg, run_dir) -> None:
 # ZeRO-3 evaluates 33 held-out sequences on 2 workers: 17 and 16, in 5 and 4 micro batches of 4,
 # so the second rank must make a fifth forward pass that counts nothing (ZeRO-3 forwards are
 # collective; without it the run hangs at its first evaluation).
-@pytest.mark.parametrize("stage,grad_accum,extra", [(1, 2, ()), (2, 1, ()), (3, 1, ("train.eval_sequences=33",))])
+# ZeRO-3 also scores downstream tasks (EVAL_TASKS): every rank gathers the partitioned weights
+# into a whole copy of its own, with no collective while it scores.
+@pytest.mark.parametrize("stage,grad_accum,extra", [(1, 2, ()), (2, 1, ()),
+                                                    (3, 1, ("train.eval_sequences=33", *EVAL_TASKS))])
 def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zero2_run, ray_session):
     if stage == 2:
         cfg, run_dir = zero2_run
@@ -196,6 +231,8 @@ def test_zero_stages_match_plain_pytorch(stage, grad_accum, extra, tmp_path, zer
         cfg = debug_job(tmp_path, "run.name=z", f"zero.stage={stage}", f"train.grad_accum={grad_accum}", *extra)
         run_dir = pretrain(cfg)
     assert_matches_plain_pytorch(cfg, run_dir)
+    if cfg.train.eval_tasks:
+        assert_task_scores(cfg, run_dir)
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(zero2_run, tmp_path, ray_session):
@@ -206,7 +243,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(zero2_run, tmp_pat
     shutil.copy(f"{run_dir}/job.yaml", stopped / "job.yaml")
     shutil.copytree(f"{run_dir}/checkpoint_00000006", stopped / "checkpoint_00000006")
     resumed = pretrain(debug_job(tmp_path, "run.name=b", "zero.stage=2", "train.keep_ckpts=5"))
-    full = {(m["step"], "loss" in m): m for m in read_lines(run_dir)}
+    full = {(m["step"], "loss" in m): m for m in read_lines(run_dir) if "eval_tasks_s" not in m}
     after = [m for m in read_lines(resumed) if m["step"] > 6]
     assert [m["step"] for m in after if "loss" in m] == list(range(7, 13))
     for m in after:

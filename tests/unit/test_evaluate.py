@@ -1,4 +1,4 @@
-"""ptm_dist.evaluate without a model: the built-in multiple-choice task (made from held-out text
+"""ptm_dist.evaluate and ptm_dist.harness without a model: the built-in multiple-choice task (made from held-out text
 only), the harness's metric names, and the one-line errors of task lists. `ptm eval` itself on a
 trained run: tests/e2e/test_evaluate.py."""
 
@@ -10,15 +10,14 @@ from collections import Counter
 import pytest
 
 from ptm_dist.errors import ConfigError
-from ptm_dist.evaluate import (
+from ptm_dist.evaluate import evaluate, parse_tasks
+from ptm_dist.harness import (
     BUILTIN_TASKS,
     CHOICE_WORDS,
     CONTEXT_WORDS,
-    _metrics,
     builtin_task_dir,
     docstring_items,
-    evaluate,
-    parse_tasks,
+    metrics_of,
     word_order_items,
 )
 
@@ -83,7 +82,7 @@ def test_builtin_tasks_are_made_from_held_out_text_only(cache_dir):
 
 
 def test_harness_metric_names_and_task_list_errors(cache_dir):
-    assert _metrics({"alias": "x", "sample_len": 40, "acc,none": 0.5, "acc_stderr,none": "N/A",
+    assert metrics_of({"alias": "x", "sample_len": 40, "acc,none": 0.5, "acc_stderr,none": "N/A",
                      "acc_norm,none": 0.25, "exact_match,strict-match": 1.0}) == {
         "acc": 0.5, "acc_norm": 0.25, "exact_match_strict-match": 1.0}
     assert parse_tasks(" a_b , c.d-e ") == ["a_b", "c.d-e"]

@@ -31,3 +31,26 @@ def test_report_on_a_finetuning_run_directory(tmp_path):
     out = Path(report(str(tmp_path / "sweep-c" / "trials" / "t2")))
     md = check_figures(out, {"loss.png", "eval_metrics.png", "lr.png"})
     assert "| epochs | 3 |" in md and "| accuracy (last epoch) | 0.8100 |" in md
+
+
+def test_report_plots_downstream_task_scores_against_tokens(tmp_path):
+    """A pretraining run's metrics with train.eval_tasks lines (eval/<task>/<metric>, as the
+    loop writes them at steps 0, 10 and 20): a figure of the scores and their first and last
+    values in the table."""
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = []
+    for step in range(0, 21, 5):
+        if step:
+            lines.append({"step": step, "loss": 5 - step / 10, "lr": 1e-3, "grad_norm": 1.0 + step / 20,
+                          "tokens_per_s": 1000.0 + step, "data_wait_frac": 0.01, "tokens": step * 512, "epoch": 0})
+        if step % 10 == 0:
+            lines.append({"step": step, "eval_loss": 5.2 - step / 10, "tokens": step * 512})
+            lines.append({"step": step, "tokens": step * 512, "eval/ptm_builtin_word_order/acc": 0.25 + step / 100,
+                          "eval/ptm_builtin_word_order/acc_norm": 0.24 + step / 90, "eval_tasks_s": 3.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    md = check_figures(Path(report(str(run))), {"loss.png", "eval_tasks.png", "throughput.png"})
+    assert "| ptm_builtin_word_order/acc, step 0 -> 20 | 0.2500 -> 0.4500 |" in md
+    assert "### Downstream task scores against tokens seen" in md
