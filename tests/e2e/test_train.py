@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_job, read_lines
+from conftest import check_figures, debug_job, read_lines
 
 from ptm_dist import models
 from ptm_dist.data.pipeline import SequenceStream, take_sequences
@@ -148,9 +148,10 @@ def assert_task_scores(cfg, run_dir) -> None:
     """train.eval_tasks lines at steps 0, 6 and 12 with the harness's metrics; the scoring time is
     left out of tokens/s (log_every 1: the step-7 line's window is step 7 alone, scored after 6);
     the step-12 scores are those of `ptm eval` on the step-12 checkpoint (its exported weights,
-    same items), so the scored model is the trained one."""
+    same items), so the scored model is the trained one; `ptm report` draws them."""
     from ptm_dist.config import cache_dir
     from ptm_dist.evaluate import evaluate
+    from ptm_dist.report import report
 
     lines = read_lines(run_dir)
     key = "eval/ptm_builtin_word_order/acc"
@@ -168,6 +169,8 @@ def assert_task_scores(cfg, run_dir) -> None:
     assert result["step"] == 12
     assert result["tasks"]["ptm_builtin_word_order"]["acc"] == scored[2][key]
     assert result["tasks"]["ptm_builtin_word_order"]["acc_norm"] == scored[2]["eval/ptm_builtin_word_order/acc_norm"]
+    md = check_figures(Path(report(run_dir)), {"loss.png", "eval_tasks.png"})  # the scores against tokens
+    assert f"| ptm_builtin_word_order/acc, step 0 -> 12 | {scored[0][key]:.4f} -> {scored[2][key]:.4f} |" in md
 
 
 def _train_losses(run_dir) -> list[float]:

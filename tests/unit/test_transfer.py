@@ -173,6 +173,10 @@ def test_model_checks_are_one_line_errors(tmp_path, hub):
     bert = load(None, ["model.family=bert", "model.size=debug"])
     with pytest.raises(ConfigError, match=r"masked LM but the tokenizer .* names no mask token"):
         check_model(bert, None, hub["gpt2"], 400)
+    scored = load(None, ["model.family=bert", "model.size=debug", "train.eval_tasks=[ptm_builtin_word_order]"])
+    with pytest.raises(ConfigError, match=r"train.eval_tasks ptm_builtin_word_order: the model is a masked LM; "
+                                          r"the harness scores causal models"):
+        check_model(scored, None, hub["bert"], 400)
     with pytest.raises(ConfigError, match=r"model.init .*nope: no such directory"):
         resolve_init(load(None, [f"model.init={tmp_path / 'nope'}"]), tmp_path)
     (tmp_path / "empty").mkdir()
