@@ -9,6 +9,8 @@ goes, which model it starts from, the task, and the spec the workers receive.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from ptm_dist import checkpoint as ckpt_lib
@@ -17,6 +19,7 @@ from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.errors import ConfigError
 
 LOG_PREFIX = "[ptm]"
+UPLOAD_STAMP = "ptm_upload.json"  # in <run_dir>/base when the start model was uploaded there
 
 
 def require_local_storage(cfg: JobConfig, command: str) -> str:
@@ -28,7 +31,11 @@ def require_local_storage(cfg: JobConfig, command: str) -> str:
 
 
 def resolve_start(cfg: JobConfig, out_dir: str) -> str:
-    """A Hugging Face model directory to start from (exported into <out_dir>/base if needed)."""
+    """A Hugging Face model directory to start from (exported into <out_dir>/base if needed).
+
+    With ``out_dir`` in object storage the export is made in this machine's cache and uploaded
+    to <out_dir>/base, which the workers read on whichever node they run: the returned path is
+    then a URI (a Hugging Face directory given as a URI is returned as it is)."""
     from ptm_dist.pretrained import hf_model_dir
     from ptm_dist.train.pretrain import pretrain
 
@@ -42,14 +49,36 @@ def resolve_start(cfg: JobConfig, out_dir: str) -> str:
             src = pretrain(pre)
     else:
         src = init
-    return hf_model_dir(src, Path(out_dir) / "base", "finetune.init")
+    if not storage.is_uri(out_dir):
+        return hf_model_dir(src, Path(out_dir) / "base", "finetune.init")
+    key = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
+    local = hf_model_dir(src, cache_dir(cfg) / "finetune-base" / key, "finetune.init")
+    if storage.is_uri(local):
+        return local  # a Hugging Face directory in object storage: every node reads it there
+    # What was uploaded, by file name, size and modification time: a re-run uploads only when
+    # the start model changed (a newer checkpoint exported, another directory).
+    files = sorted((str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in Path(local).rglob("*") if f.is_file())
+    stamp = json.dumps({"source": local, "files": files}) + "\n"
+    target = storage.join(out_dir, "base")
+    uploaded = storage.join(target, UPLOAD_STAMP)
+    if not storage.exists(uploaded) or storage.read_text(uploaded) != stamp:
+        storage.delete_dir(target)
+        storage.upload_dir(Path(local), target)
+        storage.write_text(uploaded, stamp)  # last: a partial upload is uploaded again
+        print(f"{LOG_PREFIX} start model {local} uploaded to {target}", flush=True)
+    return target
 
 
 def prepare_task(cfg: JobConfig, base_dir: str) -> tuple[dict, dict]:
     """(tokenized task for the workers, a description: labels, sizes, majority baseline)."""
     from ptm_dist.finetune.worker import load_tokenizer
 
-    tok = load_tokenizer(base_dir)
+    local, is_tmp = storage.local_copy(base_dir)
+    try:
+        tok = load_tokenizer(str(local))
+    finally:
+        storage.drop_local_copy(local, is_tmp)
     if cfg.finetune.task == "token_classification":
         from ptm_dist.finetune.tagging import load_tagging_task, tokenize_tagged
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from ptm_dist import launch, runlogs, storage
 from ptm_dist.config import JobConfig
 from ptm_dist.engine import check_precision
-from ptm_dist.finetune.driver import baseline_name, prepare_task, require_local_storage, resolve_start
+from ptm_dist.finetune.driver import baseline_name, prepare_task, resolve_start
 from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read_epochs
 
 
@@ -27,7 +26,7 @@ def finetune(cfg: JobConfig) -> str:
     """Run the fine-tuning job; returns its run directory."""
     import ray
 
-    base = require_local_storage(cfg, "finetune")
+    base = storage.absolute(cfg.run.storage)  # a local or shared path, or an object-store URI
     t0 = time.time()
     cfg, run_dir = storage.resolve_run_dir(cfg, "finetune")
     base_dir = resolve_start(cfg, run_dir)
@@ -39,7 +38,6 @@ def finetune(cfg: JobConfig) -> str:
             how = launch.Launch.from_scaling(cfg.scaling)
             check_precision(cfg.train.precision, how.use_gpu, cfg.zero.stage)
             launch.check_capacity(how, local=owns_ray and not launch.joins_cluster())
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
             storage.write_text(storage.join(run_dir, "job.yaml"), cfg.to_yaml())
             storage.write_text(storage.join(run_dir, "task.json"), json.dumps(info, indent=1) + "\n")
             spec = FinetuneSpec(job=cfg, out_dir=run_dir, base_dir=base_dir, task=data, pad_id=info["pad_id"])
@@ -66,7 +64,7 @@ def print_summary(run_dir: str, info: dict, cfg: JobConfig, seconds: float, logs
     if best:
         print(f"best epoch {best['epoch']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
               f"({baseline_name(info)} {info['majority_baseline']:.4f})")
-    print(f"best model: {Path(run_dir) / 'best'}")
+    print(f"best model: {storage.join(run_dir, 'best')}")
     if logs:
         print(f"logs: {logs} (library output; --verbose or PTM_VERBOSE=1 shows it here)")
     print(f"wall time: {seconds:.0f}s")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ptm_dist import runlogs
+from ptm_dist import runlogs, storage
 from ptm_dist.checkpoint import DS_TAG
 from ptm_dist.config import JobConfig
 from ptm_dist.dist import init_single_process, mean_over_ranks, rng_state, set_rng_state
@@ -40,8 +40,8 @@ class FinetuneSpec:
     """What a fine-tuning worker (or a sweep trial) receives from the driver, whole."""
 
     job: JobConfig  # the trial's job in a sweep: the sweep's job with the trial's values
-    out_dir: str  # the run directory, or trials/<trial_id> of a sweep
-    base_dir: str  # the start model, a Hugging Face directory
+    out_dir: str  # the run directory, or trials/<trial_id> of a sweep (a local path or URI)
+    base_dir: str  # the start model, a Hugging Face directory (a local path or URI)
     task: dict  # tokenized task: labels, train_ids, train_labels, val_ids, val_labels (token
     # classification: kind, per-token labels and val_tags, every validation word's tag)
     pad_id: int
@@ -144,20 +144,24 @@ class EpochLog:
     """
 
     def __init__(self, out_dir: str, resume_epoch: int, prefix: str = "[ptm]", total_epochs: int | None = None):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = self.path.read_text().splitlines() if self.path.exists() else []
+        self.path = storage.join(out_dir, "metrics.jsonl")
+        old = storage.read_text(self.path).splitlines() if storage.exists(self.path) else []
         # Epochs past the restored checkpoint were lost with the interruption and run again.
-        keep = [ln for ln in old if ln.strip() and json.loads(ln).get("epoch", 0) <= resume_epoch]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.lines = [ln for ln in old if ln.strip() and json.loads(ln).get("epoch", 0) <= resume_epoch]
+        self._save()
         self.prefix = prefix
         self.total_epochs = total_epochs
         self.epoch_seconds: list[float] = []  # epochs timed in this process, for the ETA
         self.tracker = Tracker()  # the run's (or trial's) wandb run, started by run_epochs
 
+    def _save(self) -> None:
+        # The whole file each time (a few lines): object stores have no append, and a PUT
+        # replaces an object atomically; a local file is replaced by a rename (storage.write_text).
+        storage.write_text(self.path, "".join(ln + "\n" for ln in self.lines))
+
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record))
+        self._save()
         self.tracker.log(record, step=record["epoch"])
         progress = ""
         if "epoch_s" in record:
@@ -177,11 +181,11 @@ class EpochLog:
 
 
 def read_epochs(out_dir: str) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
+    path = storage.join(out_dir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    # A line still being appended (no newline yet) is left for the next read.
-    complete = path.read_text().split("\n")[:-1]
+    # A line without its newline (a file written by an older version as it appended) is left out.
+    complete = storage.read_text(path).split("\n")[:-1]
     return [json.loads(ln) for ln in complete if ln.strip()]
 
 
@@ -207,13 +211,19 @@ class FinetuneRun:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(self.train_ids)} training examples are fewer than one step of "
                              f"{world} workers x finetune.batch_size {self.batch}")
-        model = load_model(spec.base_dir, self.labels, self.pad_id, cfg.run.seed, self.kind)
+        # A start model in object storage (a run on a cluster whose nodes share only that) is
+        # copied to this node for the run's lifetime (close() drops the copy).
+        self.base_local, self._base_is_tmp = storage.local_copy(spec.base_dir)
+        model = load_model(str(self.base_local), self.labels, self.pad_id, cfg.run.seed, self.kind)
         self.engine_spec = engine_spec(cfg, self.steps_per_epoch * ft.epochs)
         self.engine, self.precision = prepare(model, self.engine_spec, device)
         self.clip = manual_clip(self.engine_spec, self.precision)
         self.epoch, self.step = 0, 0
         self.best: float | None = None
         self.best_epoch = 0
+
+    def close(self) -> None:
+        storage.drop_local_copy(self.base_local, self._base_is_tmp)
 
     # ------------------------------------------------------------------ state
 
@@ -330,15 +340,22 @@ class FinetuneRun:
         sd = self.state_dict_fp32()
         if self.rank != 0:
             return
-        final = Path(out_dir) / "best"
-        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out_dir))
+        remote = storage.is_uri(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=None if remote else out_dir))
         try:
             module = self.engine.module
             module.config.torch_dtype = torch.float32
             module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-            load_tokenizer(self.spec.base_dir).save_pretrained(str(tmp))
-            (tmp / "ptm_best.json").write_text(json.dumps(
-                {"epoch": self.epoch, "metric": self.cfg.tune.metric, "value": self.best}) + "\n")
+            load_tokenizer(str(self.base_local)).save_pretrained(str(tmp))
+            marker = json.dumps({"epoch": self.epoch, "metric": self.cfg.tune.metric, "value": self.best}) + "\n"
+            if remote:  # no rename in an object store: the old best/ goes, and the marker comes last
+                final_uri = storage.join(out_dir, "best")
+                storage.delete_dir(final_uri)
+                storage.upload_dir(tmp, final_uri)
+                storage.write_text(storage.join(final_uri, "ptm_best.json"), marker)
+                return
+            (tmp / "ptm_best.json").write_text(marker)
+            final = Path(out_dir) / "best"
             old = Path(out_dir) / ".best-old"
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
@@ -391,6 +408,13 @@ class TuneReporter:
 def run_epochs(spec: FinetuneSpec, rank: int, world: int, device: torch.device, reporter) -> None:
     """Restore, then train and evaluate epoch by epoch until finetune.epochs."""
     run = FinetuneRun(spec, rank, world, device)
+    try:
+        _run_epochs(run, spec, rank, world, reporter)
+    finally:
+        run.close()
+
+
+def _run_epochs(run: FinetuneRun, spec: FinetuneSpec, rank: int, world: int, reporter) -> None:
     cfg = run.cfg
     out_dir = spec.out_dir
     prefix = spec.log_prefix
@@ -470,7 +494,7 @@ def record_placement_group(out_dir: str) -> None:
 
     pg = ray.util.get_current_placement_group()
     if pg is not None:
-        Path(out_dir, PLACEMENT_GROUP_FILE).write_text(pg.id.hex() + "\n")
+        storage.write_text(storage.join(out_dir, PLACEMENT_GROUP_FILE), pg.id.hex() + "\n")
 
 
 def run_in_trial(spec: FinetuneSpec) -> None:
