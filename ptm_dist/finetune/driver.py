@@ -16,18 +16,9 @@ from pathlib import Path
 from ptm_dist import checkpoint as ckpt_lib
 from ptm_dist import storage
 from ptm_dist.config import JobConfig, cache_dir
-from ptm_dist.errors import ConfigError
 
 LOG_PREFIX = "[ptm]"
 UPLOAD_STAMP = "ptm_upload.json"  # in <run_dir>/base when the start model was uploaded there
-
-
-def require_local_storage(cfg: JobConfig, command: str) -> str:
-    base = storage.absolute(cfg.run.storage)
-    if storage.is_uri(base):
-        raise ConfigError(f"run.storage {cfg.run.storage!r}: ptm {command} needs a local or shared "
-                          "filesystem path (object storage is supported by ptm pretrain only)")
-    return base
 
 
 def resolve_start(cfg: JobConfig, out_dir: str) -> str:

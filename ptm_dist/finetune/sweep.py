@@ -35,7 +35,6 @@ from ptm_dist.finetune.driver import (
     LOG_PREFIX,
     baseline_name,
     prepare_task,
-    require_local_storage,
     resolve_start,
 )
 from ptm_dist.finetune.worker import (
@@ -83,21 +82,20 @@ def run_trial(config: dict, *, job: dict, sweep_dir: str, base_dir: str, data: d
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: config[k] for k in sorted(config)}
     cfg = trial_job(job, params)
-    out = Path(sweep_dir) / "trials" / trial_id
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(params, indent=1) + "\n")
-    spec = FinetuneSpec(job=cfg, out_dir=str(out), base_dir=base_dir, task=data, pad_id=pad_id, trial_id=trial_id)
+    out = storage.join(sweep_dir, "trials", trial_id)  # a local path or URI
+    storage.write_text(storage.join(out, "params.json"), json.dumps(params, indent=1) + "\n")
+    spec = FinetuneSpec(job=cfg, out_dir=out, base_dir=base_dir, task=data, pad_id=pad_id, trial_id=trial_id)
     if cfg.tune.num_workers == 1:
         run_in_trial(spec)
         return
     # Same name and storage when Tune restarts the trial: Ray Train resumes from its last
     # checkpoint (ray.train.get_checkpoint in the workers).
-    trainer = launch.make_trainer(finetune_worker, {"spec": spec}, how, name="train", storage_path=str(out),
+    trainer = launch.make_trainer(finetune_worker, {"spec": spec}, how, name="train", storage_path=out,
                                   keep_checkpoints=1)
     relay_epochs(trainer, out)
 
 
-def relay_epochs(trainer, out: Path) -> None:
+def relay_epochs(trainer, out: str) -> None:
     """Run a trial's Ray Train job and hand each epoch's line of its metrics.jsonl to Tune.
 
     When the scheduler stops the trial (also when ASHA stops a trial that reached max_t),
@@ -118,23 +116,24 @@ def relay_epochs(trainer, out: Path) -> None:
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
             failure.append(e)
 
-    seen = len(read_epochs(str(out)))  # epochs Tune already has from before a restart
+    seen = len(read_epochs(out))  # epochs Tune already has from before a restart
+    poll = 2.0 if storage.is_uri(out) else 0.5  # seconds between reads of metrics.jsonl
     thread = threading.Thread(target=fit, name="ptm-trial-train", daemon=True)
     thread.start()
     while True:
         alive = thread.is_alive()
-        epochs = read_epochs(str(out))
+        epochs = read_epochs(out)
         for record in epochs[seen:]:
             ray.tune.report(record)
         seen = max(seen, len(epochs))
         if not alive:
             break
-        thread.join(timeout=0.5)
+        thread.join(timeout=poll)
     if failure:
         raise failure[0]
 
 
-def release_trial_job(trial_dir: Path) -> None:
+def release_trial_job(trial_dir: str) -> None:
     """Remove the placement group of a trial's Ray Train job if it is still there (called by
     the sweep's driver once Tune has ended the trial)."""
     import ray
@@ -144,10 +143,10 @@ def release_trial_job(trial_dir: Path) -> None:
         remove_placement_group,
     )
 
-    path = trial_dir / PLACEMENT_GROUP_FILE
-    if not path.exists():
+    path = storage.join(trial_dir, PLACEMENT_GROUP_FILE)
+    if not storage.exists(path):
         return
-    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(storage.read_text(path).strip())))
     if placement_group_table(pg).get("state") not in (None, "REMOVED"):
         remove_placement_group(pg)
 
@@ -169,7 +168,7 @@ class ReleaseTrialJobs(Callback):
 
     def _release(self, trial) -> None:
         try:
-            release_trial_job(Path(self.sweep_dir) / "trials" / trial.trial_id)
+            release_trial_job(storage.join(self.sweep_dir, "trials", trial.trial_id))
         except Exception as e:  # noqa: BLE001 - never fail the sweep over the clean-up
             print(f"{LOG_PREFIX} trial {trial.trial_id}: could not free its Ray Train job: {e}", flush=True)
 
@@ -209,10 +208,10 @@ def sweep_description(cfg: JobConfig) -> dict:
 
 
 def _check_same_sweep(sweep_dir: str, desc: dict) -> None:
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
+    path = storage.join(sweep_dir, "sweep.json")
+    if not storage.exists(path):
         return
-    old = json.loads(path.read_text())
+    old = json.loads(storage.read_text(path))
     changed = [k for k in desc if k in old and old[k] != desc[k]]
     if changed:
         raise ConfigError(f"{sweep_dir} holds a sweep with a different {', '.join(changed)}; use another "
@@ -224,7 +223,6 @@ def tune(cfg: JobConfig) -> str:
     import ray
     from ray import tune as rt
 
-    require_local_storage(cfg, "tune")
     t0 = time.time()
     cfg, sweep_dir = storage.resolve_run_dir(cfg, "tune")
     desc = sweep_description(cfg)
@@ -237,7 +235,6 @@ def tune(cfg: JobConfig) -> str:
     owns_ray = launch.connect_ray(cfg.tune.num_workers * cfg.tune.max_concurrent, per_worker)
     try:
         how = launch.Launch.resolve(cfg.tune.num_workers, cfg.scaling.use_gpu, per_worker, cfg.scaling.placement)
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         storage.write_text(storage.join(sweep_dir, "job.yaml"), cfg.to_yaml())
         storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(desc, indent=1) + "\n")
         storage.write_text(storage.join(sweep_dir, "task.json"), json.dumps(info, indent=1) + "\n")
@@ -251,7 +248,7 @@ def tune(cfg: JobConfig) -> str:
             trial_resources = {"CPU": 0.1}
         trainable = rt.with_resources(trainable, {k.lower() if k in ("CPU", "GPU") else k: v
                                                   for k, v in trial_resources.items()})
-        experiment = str(Path(sweep_dir) / "tune")
+        experiment = storage.join(sweep_dir, "tune")  # Tune's own state: a local path or URI
         if rt.Tuner.can_restore(experiment):
             print(f"{LOG_PREFIX} resuming the sweep in {experiment}", flush=True)
             tuner = rt.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -274,7 +271,7 @@ def tune(cfg: JobConfig) -> str:
                 ),
             )
         grid = tuner.fit()
-        errors = {Path(r.path).name: r.error for r in grid if r.error is not None}
+        errors = {r.path.rstrip("/").rsplit("/", 1)[-1]: r.error for r in grid if r.error is not None}
     finally:
         if owns_ray:
             ray.shutdown()
@@ -295,17 +292,19 @@ def summarize(sweep_dir: str, cfg: JobConfig, errors: dict) -> dict:
     metric, mode, max_epochs = cfg.tune.metric, cfg.tune.mode, cfg.finetune.epochs
     keys = list(cfg.tune.space)
     rows = []
-    trials_dir = Path(sweep_dir) / "trials"
-    for d in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.exists() else []:
-        params = json.loads((d / "params.json").read_text()) if (d / "params.json").exists() else {}
-        epochs = read_epochs(str(d))
+    trials_dir = storage.join(sweep_dir, "trials")
+    for name in storage.list_dirs(trials_dir):
+        d = storage.join(trials_dir, name)
+        params_path = storage.join(d, "params.json")
+        params = json.loads(storage.read_text(params_path)) if storage.exists(params_path) else {}
+        epochs = read_epochs(d)
         value = None
         for r in epochs:
             if better(r[metric], value, mode):
                 value = r[metric]
         n = len(epochs)
-        status = "error" if d.name in errors else ("done" if n >= max_epochs else "stopped early")
-        rows.append({"trial_id": d.name, "status": status, "epochs": n, metric: value,
+        status = "error" if name in errors else ("done" if n >= max_epochs else "stopped early")
+        rows.append({"trial_id": name, "status": status, "epochs": n, metric: value,
                      **{k: params.get(k) for k in keys}})
     scored = [r for r in rows if r[metric] is not None]
     best = None
@@ -321,13 +320,29 @@ def summarize(sweep_dir: str, cfg: JobConfig, errors: dict) -> dict:
         storage.write_text(storage.join(sweep_dir, "best.json"), json.dumps(
             {"trial_id": best["trial_id"], "metric": metric, "value": best[metric],
              "config": {k: best[k] for k in keys}}, indent=1) + "\n")
-        src, dst = trials_dir / best["trial_id"] / "best", Path(sweep_dir) / "best"
-        tmp = Path(sweep_dir) / ".best-new"
+        copy_best(storage.join(trials_dir, best["trial_id"], "best"), storage.join(sweep_dir, "best"))
+    return {"rows": rows, "best": best, "total_epochs": sum(r["epochs"] for r in rows)}
+
+
+def copy_best(src: str, dst: str) -> None:
+    """The best trial's best/ as the sweep's best/: a local copy renamed into place, or in object
+    storage the old one deleted and the copy uploaded with its marker (ptm_best.json) last."""
+    if not storage.is_uri(dst):
+        tmp = Path(dst).parent / ".best-new"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
-    return {"rows": rows, "best": best, "total_epochs": sum(r["epochs"] for r in rows)}
+        return
+    local, is_tmp = storage.local_copy(src)
+    try:
+        marker = (local / "ptm_best.json").read_text()
+        (local / "ptm_best.json").unlink()
+        storage.delete_dir(dst)
+        storage.upload_dir(local, dst)
+        storage.write_text(storage.join(dst, "ptm_best.json"), marker)
+    finally:
+        storage.drop_local_copy(local, is_tmp)
 
 
 def print_summary(summary: dict, info: dict, cfg: JobConfig, seconds: float) -> None:

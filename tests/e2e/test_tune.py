@@ -5,6 +5,7 @@ pretrain-then-sweep pipeline. Search-space parsing and its errors: tests/unit/te
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -13,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import debug_job
 from ft_helpers import make_start, plain_transformers_accuracy, start_overrides
+
+from ptm_dist import storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,30 +63,70 @@ def test_sweep_end_to_end(tmp_path_factory, tmp_path, ray_session, capsys):
     assert abs(acc - best["value"]) <= 0.005, (acc, best["value"])
 
 
-def _trial_epochs(sweep_dir: Path) -> dict[str, int]:
+def _trial_epochs(sweep_dir: str) -> dict[str, int]:
+    """Epoch lines of each trial's metrics.jsonl (a local sweep directory or a URI)."""
     out = {}
-    for m in (sweep_dir / "trials").glob("*/metrics.jsonl"):
-        out[m.parent.name] = len([ln for ln in m.read_text().splitlines() if ln.strip()])
+    trials = storage.join(sweep_dir, "trials")
+    for t in storage.list_dirs(trials):
+        m = storage.join(trials, t, "metrics.jsonl")
+        if storage.exists(m):
+            out[t] = len([ln for ln in storage.read_text(m).splitlines() if ln.strip()])
     return out
 
 
-def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
+def _saved_trials(sweep_dir: str) -> list[tuple[str, int]]:
+    """(status, epoch of the last result) of each trial in Tune's saved experiment state (its
+    newest experiment_state-*.json in <sweep_dir>/tune, local or in the bucket). A result comes
+    with its epoch's checkpoint, persisted before Tune receives it."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.resolve(storage.join(sweep_dir, "tune"))
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    states = sorted((i for i in fs.get_file_info(pafs.FileSelector(p))
+                     if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")),
+                    key=lambda i: i.mtime_ns)
+    if not states:
+        return []
+    try:
+        with fs.open_input_stream(states[-1].path) as f:
+            data = json.loads(f.read())
+    except (OSError, json.JSONDecodeError):  # being replaced
+        return []
+    return [(json.loads(trial)["status"], json.loads(meta).get("last_result", {}).get("epoch", 0))
+            for trial, meta in data["trial_data"]]
+
+
+def _mtime(path: str) -> int:
+    fs, p = storage.resolve(path)
+    return fs.get_file_info(p).mtime_ns
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_sweep_killed_and_resumed(where, tmp_path_factory, tmp_path, cache_dir, s3_endpoint):
     """`ptm tune` is killed (SIGKILL, whole process group) after one trial finished and another
     has started; the same command resumes: finished trials are not run again, the interrupted
-    trial continues from its last epoch checkpoint, and the sweep completes."""
+    trial continues from its last epoch checkpoint, and the sweep completes. On S3 (moto) the
+    whole sweep lives in the bucket (Tune's state, trial checkpoints, metrics, best/), and the
+    sweep's best/ read back from it loads with plain transformers and scores what best.json says."""
     start = make_start(tmp_path_factory.getbasetemp() / "ft-start")
-    sets = [*start_overrides(start, tmp_path), "finetune.epochs=3", "tune.scheduler=fifo", "tune.num_samples=3",
+    root = str(tmp_path) if where == "local" else f"s3://ptm/sweeps/{tmp_path.name}"
+    sets = [*start_overrides(start, root), "finetune.epochs=3", "tune.scheduler=fifo", "tune.num_samples=3",
             "tune.max_concurrent=1", "tune.space={finetune.lr: {loguniform: [0.001, 0.01]}}"]
     cmd = [sys.executable, "-m", "ptm_dist.cli", "tune", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "PTM_DIST_CACHE": str(cache_dir), "PYTHONPATH": str(REPO)}
-    sweep_dir = tmp_path / "tune"
+    sweep_dir = storage.join(root, "tune")
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.time() + 240
+        # Killed once Tune's saved state (written at most every few seconds, later than the
+        # trials' own files) has one trial finished and another past an epoch: what a resume
+        # can know. Killing on the trials' files alone could land before that state was saved,
+        # and the resumed sweep would run the interrupted trial from its start.
         while time.time() < deadline and proc.poll() is None:
-            counts = sorted(_trial_epochs(sweep_dir).values()) if sweep_dir.exists() else []
-            if len(counts) >= 2 and counts[-1] == 3 and 1 <= counts[0] < 3:
+            saved = _saved_trials(sweep_dir)
+            if ("TERMINATED", 3) in saved and any(st == "RUNNING" and 1 <= e < 3 for st, e in saved):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -90,7 +134,7 @@ def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
         proc.wait()
     before = _trial_epochs(sweep_dir)
     done = [t for t, n in before.items() if n == 3]
-    finished_mtime = {t: (sweep_dir / "trials" / t / "best" / "model.safetensors").stat().st_mtime_ns for t in done}
+    finished_mtime = {t: _mtime(storage.join(sweep_dir, "trials", t, "best", "model.safetensors")) for t in done}
     second = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     lines = second.stdout.strip().splitlines()
@@ -101,13 +145,22 @@ def test_sweep_killed_and_resumed(tmp_path_factory, tmp_path, cache_dir):
     after = _trial_epochs(sweep_dir)
     assert len(after) == 3 and set(after.values()) == {3}, after
     for t in done:  # finished before the kill: not trained again
-        assert (sweep_dir / "trials" / t / "best" / "model.safetensors").stat().st_mtime_ns == finished_mtime[t]
+        assert _mtime(storage.join(sweep_dir, "trials", t, "best", "model.safetensors")) == finished_mtime[t]
     for t in after:
-        lines = (sweep_dir / "trials" / t / "metrics.jsonl").read_text().splitlines()
+        lines = storage.read_text(storage.join(sweep_dir, "trials", t, "metrics.jsonl")).splitlines()
         epochs = [json.loads(ln)["epoch"] for ln in lines]
         assert epochs == [1, 2, 3]
-    rows = _csv(sweep_dir / "trials.csv")
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep_dir, "trials.csv")))))
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
+    if where == "s3":
+        assert not (tmp_path / "tune").exists()  # nothing of the sweep on this machine's disk
+        best = json.loads(storage.read_text(storage.join(sweep_dir, "best.json")))
+        local, is_tmp = storage.local_copy(storage.join(sweep_dir, "best"))
+        try:
+            acc = plain_transformers_accuracy(local, start["val"])
+        finally:
+            storage.drop_local_copy(local, is_tmp)
+        assert abs(acc - best["value"]) <= 0.005, (acc, best["value"])
 
 
 def test_multiworker_trials_queue(tmp_path_factory, tmp_path, ray_session, capsys):
