@@ -12,6 +12,7 @@ step, RNG states and the data position (per rank files).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -343,6 +344,11 @@ class Trainer:
                 print(f"[ptm] warning: {warning}", flush=True)
         return sum(values) / len(values)
 
+# Written by rank 0 after the first step of each launch: wall-clock times (time.time()) of its
+# start-up, read by the driver for the summary's "time to first step".
+STARTUP_FILE = "startup.json"
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker).
 
@@ -365,12 +371,14 @@ def _train_loop(spec: PretrainSpec) -> None:
     import ray.train
     import ray.train.torch
 
+    worker_start = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tr = Trainer(spec, rank, world, device)
+    model_ready = time.time()
     cfg = tr.cfg
     tr.nodes = gather_objects(ray.get_runtime_context().get_node_id())
     resume = agreed_resume_checkpoint(tr.run_dir, rank)
@@ -432,8 +440,13 @@ def _train_loop(spec: PretrainSpec) -> None:
     n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     start_step = tr.step
+    loop_start = time.time()
     while tr.step < cfg.train.max_steps:
         loss, norm, waited = tr.train_one_step(it)
+        if rank == 0 and tr.step == start_step + 1:
+            storage.write_text(storage.join(tr.run_dir, STARTUP_FILE), json.dumps({
+                "worker_start": worker_start, "model_ready": model_ready, "loop_start": loop_start,
+                "first_batch_wait_s": waited, "first_step": time.time(), "step": tr.step}) + "\n")
         if tr.last_step_applied:
             window.append((tr.step, loss))
         wait += waited

@@ -16,6 +16,7 @@ started, so such mistakes are reported in seconds. Library output goes to ``<run
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 from ptm_dist import checkpoint as ckpt_lib
@@ -60,16 +61,18 @@ def pretrain(cfg: JobConfig) -> str:
     print(f"[ptm] data: {len(data.train)} training shards in {len(worker_data.train_pieces)} pieces, "
           f"{len(data.val)} held-out shards, "
           f"tokenizer {data.tokenizer_dir}", flush=True)
+    marks = {"start": t0, "prepared": time.time()}  # driver-side start-up, for the summary
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        _train(cfg, run_dir, worker_data, logs, start, tasks)
+        _train(cfg, run_dir, worker_data, logs, start, tasks, marks)
         from ptm_dist.generate import summary_sample
 
         sample = summary_sample(run_dir)  # inside RunLogs: what the libraries print goes to the logs
-    print_summary(run_dir, time.time() - t0, logs.where, sample)
+    print_summary(run_dir, time.time() - t0, logs.where, sample, marks)
     return run_dir
 
 
-def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None) -> None:
+def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None,
+           marks: dict | None = None) -> None:
     import ray
     import ray.train
 
@@ -77,7 +80,9 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
     from ptm_dist.train.loop import train_loop
     from ptm_dist.train.spec import PretrainSpec
 
+    marks = {} if marks is None else marks
     owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    marks["ray"] = time.time()
     try:
         how = launch.Launch.from_scaling(cfg.scaling)
         check_precision(cfg.train.precision, how.use_gpu, cfg.zero.stage)
@@ -107,6 +112,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
                                       max_failures=cfg.train.max_failures)
         try:
             with follower:
+                marks["fit"] = time.time()
                 trainer.fit()
         except ray.train.TrainingFailedError as e:
             failure = getattr(e, "controller_failure", None)
@@ -160,7 +166,31 @@ def summarize(run_dir: str) -> dict:
     return out
 
 
-def print_summary(run_dir: str, seconds: float, logs: str | None = None, sample: str | None = None) -> None:
+def startup_line(run_dir: str, marks: dict) -> str | None:
+    """'time to first step: ...' from the driver's marks and the workers' STARTUP_FILE (this
+    command's launch; None when no step ran). Driver and rank-0 clocks are compared: on a
+    cluster their difference (NTP: milliseconds) goes into the worker start."""
+    from ptm_dist.train.loop import STARTUP_FILE
+
+    path = storage.join(run_dir, STARTUP_FILE)
+    if "fit" not in marks or not storage.exists(path):
+        return None
+    w = json.loads(storage.read_text(path))
+    if w["worker_start"] < marks["fit"]:
+        return None  # from an earlier command
+    phases = [("data and tokenizer", marks["prepared"] - marks["start"]),
+              ("Ray start", marks["ray"] - marks["prepared"]),
+              ("worker group", w["worker_start"] - marks["ray"]),
+              ("model and DeepSpeed", w["model_ready"] - w["worker_start"]),
+              ("resume, tracking, step-0 evaluation", w["loop_start"] - w["model_ready"]),
+              ("first batch", w["first_batch_wait_s"]),
+              ("first step", w["first_step"] - w["loop_start"] - w["first_batch_wait_s"])]
+    total = w["first_step"] - marks["start"]
+    return f"time to first step: {total:.1f}s (" + ", ".join(f"{name} {sec:.1f}s" for name, sec in phases) + ")"
+
+
+def print_summary(run_dir: str, seconds: float, logs: str | None = None, sample: str | None = None,
+                  marks: dict | None = None) -> None:
     s = summarize(run_dir)
     print("\n== ptm pretrain summary ==")
     if "step" in s:
@@ -173,6 +203,9 @@ def print_summary(run_dir: str, seconds: float, logs: str | None = None, sample:
     for task, t in s.get("tasks", {}).items():
         (s0, v0), (s1, v1) = t["first"], t["last"]
         print(f"{task} {t['metric']}: {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
+    startup = startup_line(run_dir, marks or {})
+    if startup:
+        print(startup)
     print(f"checkpoint: {s['checkpoint']}")
     if sample:
         print(sample)

@@ -69,6 +69,13 @@ def test_default_job_from_wheel(wheel_site, tmp_path):
     assert [ln for ln in shown if LIBRARY_LINE.search(ln)] == []
     assert sum(" checkpoint " in ln for ln in shown) == 5 and sum("eval_loss" in ln for ln in shown) >= 5
     assert len(shown) <= 80
+    # The summary's start-up: driver phases, then rank 0's, each of them measured (none negative:
+    # one machine, one clock), ending within the command's wall time.
+    (startup,) = [ln for ln in shown if ln.startswith("time to first step: ")]
+    print(f"default job: {startup}")
+    total, *phases = [float(x) for x in re.findall(r"(-?\d+\.\d)s\b", startup)]
+    wall = float(re.search(r"^wall time: (\d+)s$", proc.stdout, re.MULTILINE).group(1))
+    assert len(phases) == 7 and min(phases) >= -0.05 and 0 < total <= wall + 1, startup
     assert f"logs: {logs} " in proc.stdout
     # ... and the libraries' output is in the run directory, each worker's in its own file.
     worker_logs = [(logs / f"worker{r}.log").read_text() for r in (0, 1)]
