@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ class Trainer:
         self.last_step_applied = True
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_patience)
         self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
-        self._tasks = None  # (task manager, tokenizer, files dir) for train.eval_tasks, made on first use
+        self._tasks = None  # (task manager, tokenizer) for train.eval_tasks, made on first use
 
     # ------------------------------------------------------------------ state
 
@@ -264,6 +265,7 @@ class Trainer:
             from transformers import AutoTokenizer
 
             root = Path(tempfile.mkdtemp(prefix=f"ptm-tasks-rank{self.rank}-"))
+            weakref.finalize(self, shutil.rmtree, root, True)  # the task files go with the trainer
             include = bundle.write(root / "tasks")
             tok_dir = root / "tokenizer"
             tok_dir.mkdir()
@@ -343,6 +345,7 @@ class Trainer:
             if warning and self.rank == 0:
                 print(f"[ptm] warning: {warning}", flush=True)
         return sum(values) / len(values)
+
 
 # Written by rank 0 after the first step of each launch: wall-clock times (time.time()) of its
 # start-up, read by the driver for the summary's "time to first step".
