@@ -180,8 +180,8 @@ def startup_line(run_dir: str, marks: dict) -> str | None:
         return None  # from an earlier command
     phases = [("data and tokenizer", marks["prepared"] - marks["start"]),
               ("Ray start", marks["ray"] - marks["prepared"]),
-              ("worker group", w["worker_start"] - marks["ray"]),
-              ("model and DeepSpeed", w["model_ready"] - w["worker_start"]),
+              ("workers start", w["worker_start"] - marks["ray"]),
+              ("model and engine", w["model_ready"] - w["worker_start"]),
               ("resume, tracking, step-0 evaluation", w["loop_start"] - w["model_ready"]),
               ("first batch", w["first_batch_wait_s"]),
               ("first step", w["first_step"] - w["loop_start"] - w["first_batch_wait_s"])]
