@@ -17,7 +17,9 @@ process's resident memory over training (after a one-layer priming step loads la
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import resource
 import subprocess
@@ -179,9 +181,8 @@ def baseline(spec: dict) -> dict:
     """A plain single-process PyTorch loop over in-memory batches (run in a subprocess)."""
     from ptm_dist.data.pipeline import SequenceStream
     from ptm_dist.data.sources import Shard
-    from ptm_dist.engine import EngineSpec, build_optimizer, build_scheduler
     from ptm_dist.train.loop import objective_for
-    from ptm_dist.train.step import PhaseTimer, PlainEngine, train_step
+    from ptm_dist.train.step import PhaseTimer
 
     torch.set_num_threads(spec["threads"])
     cfg = JobConfig.model_validate(spec["job"])
@@ -195,6 +196,7 @@ def baseline(spec: dict) -> dict:
                                  shuffle_window=cfg.data.shuffle_window))
     obj = objective_for(cfg, hf, special, wd["vocab_size"])
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
+    compact = spec.get("module") == "compact"
     results = []
     for mb in spec["micro_batches"]:
         n_seq = (steps + warmup) * mb * cfg.train.grad_accum
@@ -204,36 +206,97 @@ def baseline(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rss0 = _rss()
-        model = models.build(hf, seed=cfg.run.seed).to(device)
-        if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optim = EngineSpec.for_pretraining(cfg).optim
-        opt = build_optimizer(model, optim, device)
-        engine = PlainEngine(model, opt, build_scheduler(opt, optim), cfg.train.grad_accum, cfg.train.grad_clip)
-        if cfg.train.compile:
-            engine.module = torch.compile(model)
         timer = PhaseTimer(device)
         try:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                for i in range(warmup):
-                    train_step(engine, list(batches[i]), obj)
-                _sync(device)
-                t0 = time.perf_counter()
-                for i in range(warmup, warmup + steps):
-                    train_step(engine, list(batches[i]), obj, timer=timer)
-                _sync(device)
+                if compact:
+                    elapsed, loss = _compact_loop(cfg, hf, device, batches, warmup, timer)
+                else:
+                    elapsed, loss = _module_loop(cfg, hf, device, batches, warmup, timer, obj)
         except torch.OutOfMemoryError:
             results.append({"micro_batch": mb, "oom": True})
             break
-        elapsed = time.perf_counter() - t0
         tokens = steps * mb * cfg.train.grad_accum * cfg.data.seq_len
-        results.append({"micro_batch": mb, "tokens_per_s": tokens / elapsed,
+        results.append({"micro_batch": mb, "tokens_per_s": tokens / elapsed, "last_loss": loss,
                         "peak_mem_bytes": _peak_mem(device, rss0),
                         **_phase_report(timer.totals, steps, elapsed, 0.0)})
-        del model, opt, engine, seqs, batches
+        del seqs, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"runs": results, "matmul_peak_flops": matmul_peak_flops(device)}
+
+
+def _module_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer, obj) -> tuple[float, float]:
+    """(seconds, last step's loss) of the plain loop over the Hugging Face module: the same
+    ``train_step``, optimizer and schedule as the system, on one process."""
+    from ptm_dist.engine import EngineSpec, build_optimizer, build_scheduler
+    from ptm_dist.train.step import PlainEngine, train_step
+
+    model = models.build(hf, seed=cfg.run.seed).to(device)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optim = EngineSpec.for_pretraining(cfg).optim
+    opt = build_optimizer(model, optim, device)
+    engine = PlainEngine(model, opt, build_scheduler(opt, optim), cfg.train.grad_accum, cfg.train.grad_clip)
+    if cfg.train.compile:
+        engine.module = torch.compile(model)
+    for i in range(warmup):
+        train_step(engine, list(batches[i]), obj)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, len(batches)):
+        loss, _ = train_step(engine, list(batches[i]), obj, timer=timer)
+    _sync(device)
+    return time.perf_counter() - t0, float(loss)
+
+
+def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tuple[float, float]:
+    """(seconds, last step's loss) of the strong baseline: a minimal trainer's loop (its own
+    AdamW groups, warmup-cosine schedule and clipping, written here as nanoGPT writes them) over
+    the compact GPT-2 of ``ptm_dist.compact``, starting from the same weights as the system."""
+    from ptm_dist.compact import CompactGPT
+
+    t = cfg.train
+    model = CompactGPT.from_hf(models.build(hf, seed=cfg.run.seed)).to(device)
+    if t.activation_checkpointing:
+        raise ValueError("the compact baseline has no activation checkpointing; bench with it off")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=device.type == "cuda")
+    step_fn = torch.compile(model) if t.compile else model
+
+    def lr_at(s: int) -> float:  # linear warmup, then cosine to min_lr at max_steps
+        if s < t.warmup_steps:
+            return t.lr * (s + 1) / t.warmup_steps
+        frac = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (t.lr - t.min_lr)
+
+    def one_step(i: int, timed) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for micro in batches[i]:
+            with timed("forward"):
+                loss = step_fn(micro) / t.grad_accum
+            with timed("backward"):
+                loss.backward()
+            total += loss.detach()
+        with timed("optimizer"):
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(i)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total
+
+    for i in range(warmup):
+        one_step(i, lambda phase: contextlib.nullcontext())
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, len(batches)):
+        loss = one_step(i, timer)
+    _sync(device)
+    return time.perf_counter() - t0, float(loss)
 
 
 def run_baseline(spec: dict) -> dict:
@@ -277,6 +340,12 @@ def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_b
     print(f"[bench] baseline: plain PyTorch loop, {threads} thread(s), micro batches {micro_batches}", flush=True)
     base = run_baseline(spec)
     same_mb = next(r for r in base["runs"] if r["micro_batch"] == mb)
+    strong, strong_why = None, compact_unsupported(cfg, data["vocab_size"])
+    if strong_why is None:
+        print(f"[bench] strong baseline: minimal loop over the compact GPT-2, {threads} thread(s)", flush=True)
+        strong = run_baseline({**spec, "module": "compact", "micro_batches": [mb]})["runs"][0]
+    else:
+        print(f"[bench] strong baseline: skipped ({strong_why})", flush=True)
     per_worker = None
     if not gpu and threads != tpw:  # also: the plain loop with one worker's threads, x workers
         print(f"[bench] baseline: plain PyTorch loop, {tpw} thread(s)", flush=True)
@@ -296,13 +365,29 @@ def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_b
         "system_tokens_per_s": system["tokens_per_s"],
         "baseline_tokens_per_s": same_mb["tokens_per_s"],
         "baseline_threads": threads,
-        "ratio": system["tokens_per_s"] / (same_mb["tokens_per_s"] * devices),
+        "ratio_same_module": system["tokens_per_s"] / (same_mb["tokens_per_s"] * devices),
+        "baseline_last_loss": same_mb["last_loss"],
         "system_breakdown_s": {k: system[k] for k in ("step_s", "data_wait_s", "forward_s", "backward_s",
                                                      "optimizer_s", "allreduce_grads_s")},
         "baseline_breakdown_s": {k: same_mb[k] for k in ("step_s", "forward_s", "backward_s", "optimizer_s")},
         "system_peak_mem_bytes": system["peak_mem_bytes"],
         "baseline_peak_mem_bytes": same_mb["peak_mem_bytes"],
     }
+    fastest = same_mb["tokens_per_s"]
+    if strong is not None and not strong.get("oom"):
+        fastest = max(fastest, strong["tokens_per_s"])
+        report.update({
+            "strong_baseline_tokens_per_s": strong["tokens_per_s"],
+            "strong_baseline_breakdown_s": {k: strong[k] for k in ("step_s", "forward_s", "backward_s",
+                                                                   "optimizer_s")},
+            "strong_baseline_peak_mem_bytes": strong["peak_mem_bytes"],
+            "strong_baseline_last_loss": strong["last_loss"],
+            # below 1: the Hugging Face module itself is slower than the compact one
+            "module_ratio": same_mb["tokens_per_s"] / strong["tokens_per_s"],
+        })
+    else:
+        report["strong_baseline_skipped"] = strong_why or "out of memory"
+    report["ratio"] = system["tokens_per_s"] / (fastest * devices)
     if per_worker is not None:
         report["baseline_one_worker_threads_tokens_per_s"] = per_worker["tokens_per_s"]
         report["scaling_efficiency"] = system["tokens_per_s"] / (per_worker["tokens_per_s"] * workers)
@@ -324,27 +409,63 @@ def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_b
     return report
 
 
+def compact_unsupported(cfg: JobConfig, vocab_size: int) -> str | None:
+    """Why the strong baseline cannot run this job's model (None when it can): the compact
+    module is a GPT-2 trained with the next-token loss."""
+    from ptm_dist.compact import CompactGPT
+
+    if cfg.model.family != "gpt2":
+        return f"the compact module is a GPT-2; model.family is {cfg.model.family}"
+    hf = models.config_for(cfg.model, vocab_size, cfg.data.seq_len, models.SpecialTokens(eos=0, pad=0, mask=0))
+    try:
+        CompactGPT.from_hf_config(hf)
+    except ValueError as e:
+        return str(e)
+    if cfg.train.activation_checkpointing:
+        return "train.activation_checkpointing is on; the compact baseline has none"
+    return None
+
+
 def format_report(r: dict) -> str:
     mib = 1024**2
     sb, bb = r["system_breakdown_s"], r["baseline_breakdown_s"]
+    strong = "strong_baseline_tokens_per_s" in r
+    sg = r.get("strong_baseline_breakdown_s", {})
+
+    def row(label: str, system: str, base: str, strong_value: str = "") -> str:
+        return f"{label:<22}{system:>14}{base:>14}" + (f"{strong_value:>14}" if strong else "")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1e3:.1f}"
+
     lines = [
         (f"{r['model']} ({r['n_params'] / 1e6:.2f}M params) on {r['device']}, {r['workers']} workers, "
         f"ZeRO-{r['zero_stage']}, {r['precision']}, micro batch {r['micro_batch']} x {r['seq_len']}, "
         f"{r['threads_per_worker']} thread(s) per worker"),
-        f"{'':<22}{'system':>14}{'baseline':>14}",
-        (f"{'tokens/s':<22}{r['system_tokens_per_s']:>14,.0f}{r['baseline_tokens_per_s']:>14,.0f}"
-        f"   (baseline: {r['baseline_threads']} thread(s))"),
-        f"{'step (ms)':<22}{sb['step_s'] * 1e3:>14.1f}{bb['step_s'] * 1e3:>14.1f}",
-        f"{'  data wait (ms)':<22}{sb['data_wait_s'] * 1e3:>14.1f}{0:>14.1f}",
-        f"{'  forward (ms)':<22}{sb['forward_s'] * 1e3:>14.1f}{bb['forward_s'] * 1e3:>14.1f}",
-        f"{'  backward (ms)':<22}{sb['backward_s'] * 1e3:>14.1f}{bb['backward_s'] * 1e3:>14.1f}",
-        f"{'  optimizer (ms)':<22}{sb['optimizer_s'] * 1e3:>14.1f}{bb['optimizer_s'] * 1e3:>14.1f}",
-        f"{'all-reduce grads (ms)':<22}{sb['allreduce_grads_s'] * 1e3:>14.1f}{'-':>14}",
-        (f"{'peak memory (MiB)':<22}{r['system_peak_mem_bytes'] / mib:>14.1f}"
-         f"{r['baseline_peak_mem_bytes'] / mib:>14.1f}"
-        f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})"),
-        f"ratio (system / baseline{' x GPUs' if r['device'] != 'cpu' else ' on the same CPU'}): {r['ratio']:.3f}",
+        ("baseline: plain loop over the same Hugging Face module"
+         + ("; strong: minimal loop over the compact GPT-2 (ptm_dist.compact)" if strong else
+            f"; strong baseline skipped: {r.get('strong_baseline_skipped')}")
+         + f"; both with {r['baseline_threads']} thread(s)"),
+        row("", "system", "baseline", "strong"),
+        row("tokens/s", f"{r['system_tokens_per_s']:,.0f}", f"{r['baseline_tokens_per_s']:,.0f}",
+            f"{r.get('strong_baseline_tokens_per_s', 0):,.0f}"),
+        row("step (ms)", ms(sb["step_s"]), ms(bb["step_s"]), ms(sg.get("step_s"))),
+        row("  data wait (ms)", ms(sb["data_wait_s"]), ms(0.0), ms(0.0)),
+        row("  forward (ms)", ms(sb["forward_s"]), ms(bb["forward_s"]), ms(sg.get("forward_s"))),
+        row("  backward (ms)", ms(sb["backward_s"]), ms(bb["backward_s"]), ms(sg.get("backward_s"))),
+        row("  optimizer (ms)", ms(sb["optimizer_s"]), ms(bb["optimizer_s"]), ms(sg.get("optimizer_s"))),
+        row("all-reduce grads (ms)", ms(sb["allreduce_grads_s"]), "-", "-"),
+        row("peak memory (MiB)", f"{r['system_peak_mem_bytes'] / mib:.1f}", f"{r['baseline_peak_mem_bytes'] / mib:.1f}",
+            f"{r.get('strong_baseline_peak_mem_bytes', 0) / mib:.1f}")
+        + f"   (ptm plan estimate {r['plan_estimate_bytes'] / mib:.1f}, error {r['plan_error']:+.0%})",
+        row("last step loss", "-", f"{r['baseline_last_loss']:.4f}", f"{r.get('strong_baseline_last_loss', 0):.4f}"),
+        (f"ratio (system / faster baseline{' x GPUs' if r['device'] != 'cpu' else ' on the same CPU'}): "
+         f"{r['ratio']:.3f}"),
+        f"  framework: system / plain loop over the same module: {r['ratio_same_module']:.3f}",
     ]
+    if strong:
+        lines.append(f"  model module: Hugging Face module / compact module, both in plain loops: "
+                     f"{r['module_ratio']:.3f}")
     if "scaling_efficiency" in r:
         lines.append(
             f"scaling efficiency (system / (baseline with {r['threads_per_worker']} thread(s) x "

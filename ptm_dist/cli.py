@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="ptm bench train: this system against a plain PyTorch loop.")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("train", help="system vs plain PyTorch loop tokens/s, step breakdown, memory",
-                        description="Measure the system (Ray Train + DeepSpeed + Ray Data) and a plain "
-                        "single-process PyTorch loop on the same model, batch, precision and device.")
+                        description="Measure the system (Ray Train + DeepSpeed + Ray Data), a plain "
+                        "single-process PyTorch loop over the same model, and (GPT-2) a minimal loop over "
+                        "a compact GPT-2 of the same architecture, on the same batch, precision and device; "
+                        "the ratio is against the faster plain loop.")
     _job_args(b)
     b.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     b.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")

@@ -8,9 +8,11 @@ state and reductions over ranks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -22,6 +24,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def use_environment_extensions_dir() -> str:
+    """Point torch's JIT extension builds (DeepSpeed's CPU communication op) at a directory of
+    this Python environment's own, unless TORCH_EXTENSIONS_DIR is set; returns the directory.
+
+    torch's default, ``~/.cache/torch_extensions/py311_cpu``, is shared by every environment on
+    the machine, while a build records the paths of the DeepSpeed sources it was made from: two
+    virtual environments (a checkout's and a CI clone's) using it in turn rebuilt the op for
+    each other, 40-60 s at each switch. Keyed by ``sys.prefix``, each builds once."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    if torch.version.hip is not None:
+        accel = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accel = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accel = "cpu"
+    env = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(cache, "torch_extensions",
+                        f"py{sys.version_info.major}{sys.version_info.minor}_{accel}-env{env}")
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    return path
 
 
 def init_single_process(device: torch.device) -> None:

@@ -308,6 +308,9 @@ def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
     """(engine, precision): ``model`` made ready to train, the way one function applies every
     change to a single-device model: activation checkpointing, the DeepSpeed ZeRO engine with
     optimizer and schedule, then torch.compile."""
+    from ptm_dist.dist import use_environment_extensions_dir
+
+    use_environment_extensions_dir()  # before DeepSpeed builds its CPU communication op
     import deepspeed
 
     _skip_muon_import()
@@ -338,7 +341,9 @@ def build_model(config, seed: int | None, zero3: dict[str, Any] | None, init_dir
     """The model a worker trains: ``models.build``, except that a pretrained model (``init_dir``)
     loaded under ZeRO-3 from safetensors files is read partitioned by ``load_partitioned``."""
     from ptm_dist import models
+    from ptm_dist.dist import use_environment_extensions_dir
 
+    use_environment_extensions_dir()  # ZeRO-3's zero.Init starts DeepSpeed's communication
     if zero3 is not None and init_dir is not None:
         model = load_partitioned(config, init_dir, zero3)
         if model is not None:

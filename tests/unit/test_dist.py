@@ -38,3 +38,26 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
                        start_method="spawn")
     want = str(run0 / "checkpoint_00000010")
     assert (tmp_path / "0").read_text() == want and (tmp_path / "1").read_text() == want
+
+
+def test_each_python_environment_builds_torch_extensions_in_its_own_directory(monkeypatch, tmp_path):
+    import sys
+
+    from ptm_dist.dist import use_environment_extensions_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dirs = []
+    for prefix in ("/work/main/.venv", "/tmp/ci/.venv"):
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setattr(sys, "prefix", prefix)
+        path = use_environment_extensions_dir()
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == path  # what torch's JIT builder reads
+        assert os.path.dirname(path) == str(tmp_path / "torch_extensions")
+        assert os.path.basename(path).startswith(f"py{sys.version_info.major}{sys.version_info.minor}_")
+        dirs.append(path)
+    assert dirs[0] != dirs[1]
+    monkeypatch.setattr(sys, "prefix", "/work/main/.venv")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert use_environment_extensions_dir() == dirs[0]  # stable: built once per environment
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert use_environment_extensions_dir() == str(tmp_path / "mine")  # the user's choice is kept

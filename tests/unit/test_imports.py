@@ -22,7 +22,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / "ptm_dist"  # the source tre
 # their modules imports them first.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("ptm_dist", "ptm_dist.train", "ptm_dist.finetune", "ptm_dist.errors", "ptm_dist.faults",
-        "ptm_dist.space", "ptm_dist.progress", "ptm_dist.sizes", "ptm_dist.models", "ptm_dist.dist"),
+        "ptm_dist.space", "ptm_dist.progress", "ptm_dist.sizes", "ptm_dist.models", "ptm_dist.dist",
+        "ptm_dist.compact"),
     1: ("ptm_dist.storage", "ptm_dist.config"),
     2: ("ptm_dist.checkpoint", "ptm_dist.tracking", "ptm_dist.engine", "ptm_dist.runlogs", "ptm_dist.launch",
         "ptm_dist.data.*"),

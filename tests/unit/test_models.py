@@ -56,3 +56,26 @@ def test_activation_checkpointing_changes_memory_not_math():
     assert grads[0][0] == grads[1][0]
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gpt2_style_tanh_gelu_trains_as_the_fused_kernel_with_the_same_outputs(tmp_path):
+    from transformers import GPT2Config
+
+    from ptm_dist.config import load
+
+    # registry GPT-2s, pretrained configs that say gelu_new, and the phi-style hidden_act
+    cfg = load(None, ["model.family=gpt2", "model.size=debug"])
+    assert models.config_for(cfg.model, 512, 32, SPECIAL).activation_function == "gelu_pytorch_tanh"
+    pretrained = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512, n_positions=32).to_dict()
+    assert pretrained["activation_function"] == "gelu_new"
+    init = load(None, ["model.family=gpt2", f"model.init={tmp_path}"])
+    assert models.config_for(init.model, 512, 32, SPECIAL, pretrained).activation_function == "gelu_pytorch_tanh"
+    # an activation named in model.config is kept
+    named = load(None, ["model.family=gpt2", f"model.init={tmp_path}", "model.config={activation_function: gelu_new}"])
+    assert models.config_for(named.model, 512, 32, SPECIAL, pretrained).activation_function == "gelu_new"
+    # the same function: a model with transformers' gelu_new gives the same logits (fp32, 1e-5)
+    slow = models.build(GPT2Config.from_dict(pretrained), seed=0).eval()
+    fast = models.build(models.config_for(init.model, 512, 32, SPECIAL, pretrained), seed=0).eval()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (slow(input_ids=ids).logits - fast(input_ids=ids).logits).abs().max().item() < 1e-5
