@@ -191,14 +191,16 @@ def baseline(spec: dict) -> dict:
     special = wd["special"]
     hf = models.config_for(cfg.model, wd["vocab_size"], cfg.data.seq_len, models.SpecialTokens(**special))
     steps, warmup = spec["steps"], spec["warmup"]
-    stream = iter(SequenceStream([Shard(**s) for s in wd["train_shards"]], wd["tokenizer_json"],
-                                 cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False,
-                                 shuffle_window=cfg.data.shuffle_window))
     obj = objective_for(cfg, hf, special, wd["vocab_size"])
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
     compact = spec.get("module") == "compact"
     results = []
     for mb in spec["micro_batches"]:
+        # every run trains on the stream's first sequences: the same batches at the same micro
+        # batch, whichever loop and whichever micro batches ran before
+        stream = iter(SequenceStream([Shard(**s) for s in wd["train_shards"]], wd["tokenizer_json"],
+                                     cfg.data.seq_len, special["eos"], cfg.run.seed, 0, 1, use_ray=False,
+                                     shuffle_window=cfg.data.shuffle_window))
         n_seq = (steps + warmup) * mb * cfg.train.grad_accum
         seqs = torch.as_tensor(np.stack([next(stream)[1] for _ in range(n_seq)]), dtype=torch.long, device=device)
         batches = seqs.view(steps + warmup, cfg.train.grad_accum, mb, cfg.data.seq_len)
@@ -220,7 +222,7 @@ def baseline(spec: dict) -> dict:
         results.append({"micro_batch": mb, "tokens_per_s": tokens / elapsed, "last_loss": loss,
                         "peak_mem_bytes": _peak_mem(device, rss0),
                         **_phase_report(timer.totals, steps, elapsed, 0.0)})
-        del seqs, batches
+        del seqs, batches, stream
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"runs": results, "matmul_peak_flops": matmul_peak_flops(device)}
