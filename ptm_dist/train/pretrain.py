@@ -77,7 +77,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
     import ray.train
 
     from ptm_dist.engine import check_precision
-    from ptm_dist.train.loop import train_loop
+    from ptm_dist.train.entry import train_loop  # the loop's heavy imports happen on the workers
     from ptm_dist.train.spec import PretrainSpec
 
     marks = {} if marks is None else marks
