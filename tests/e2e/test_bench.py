@@ -25,7 +25,7 @@ def test_bench_train_reports_consistent_figures(tmp_path, ray_session):
     # Both plain loops start from the same weights and train on the same batches with the same
     # hyperparameters (each with its own optimizer groups, schedule and loss code): after 5 steps
     # their losses agree to float rounding.
-    assert r["strong_baseline_last_loss"] == pytest.approx(r["baseline_last_loss"], abs=1e-3)
+    assert r["strong_baseline_last_loss"] == pytest.approx(r["baseline_last_loss"], abs=1e-4)
     strong = r["strong_baseline_breakdown_s"]
     timed = strong["forward_s"] + strong["backward_s"] + strong["optimizer_s"]
     assert 0.5 * strong["step_s"] < timed <= strong["step_s"] * 1.01
