@@ -8,6 +8,7 @@ state and reductions over ranks.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import random
@@ -62,8 +63,18 @@ def init_single_process(device: torch.device) -> None:
         # raced with other processes (two sweep trials starting at once: EADDRINUSE).
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
+        # The group is ours: end it while the interpreter is whole. Left to interpreter
+        # finalization, gloo's worker threads can die holding Python objects and the process
+        # aborts after its work is done ("terminate called without an active exception", exit
+        # -6: seen once in CI on a script that had trained and printed its result).
+        atexit.register(_destroy_own_group)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def _destroy_own_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rng_state() -> dict:

@@ -61,3 +61,29 @@ def test_each_python_environment_builds_torch_extensions_in_its_own_directory(mo
     assert use_environment_extensions_dir() == dirs[0]  # stable: built once per environment
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert use_environment_extensions_dir() == str(tmp_path / "mine")  # the user's choice is kept
+
+
+def test_a_group_of_one_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """init_single_process's group is ended by an exit hook of its own, while the interpreter is
+    still whole (left to finalization, gloo's threads can abort a finished process with
+    "terminate called without an active exception"). Exit hooks run last-registered first, so a
+    hook registered before the group sees what finalization will see."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import atexit
+        import torch
+        import torch.distributed as dist
+        from ptm_dist.dist import init_single_process
+        atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+        init_single_process(torch.device("cpu"))
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        print("sum", t.tolist(), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-2:] == ["sum [1.0, 1.0, 1.0]", "initialized at exit: False"], proc.stdout
