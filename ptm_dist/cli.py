@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show the libraries' output while the model is exported, loaded and evaluated")
     p = sub.add_parser("bench", help="benchmarks printed side by side with their baselines",
-                       description="ptm bench train: this system against a plain PyTorch loop.")
+                       description="ptm bench train: this system against plain PyTorch loops; ptm bench job: a "
+                       "whole job against the strong baseline.")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("train", help="system vs plain PyTorch loop tokens/s, step breakdown, memory",
                         description="Measure the system (Ray Train + DeepSpeed + Ray Data), a plain "
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
     b.add_argument("--search-micro-batch", action="store_true",
                    help="also time the baseline at other micro batch sizes (until out of memory on GPU)")
+    b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    b = bsub.add_parser("job", help="the whole job vs the strong baseline: tokens/s, held-out loss, wall time",
+                        description="Run the job as `ptm pretrain` runs it (into a scratch run directory, "
+                        "deleted afterwards), then a minimal single-process trainer over a compact GPT-2 "
+                        "on the same global batches from the same initial weights; print tokens/s, "
+                        "held-out loss at every evaluation step and wall time side by side.")
+    _job_args(b)
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     b = bsub.add_parser("init", help="ZeRO-3 peak memory per rank: model built whole vs partitioned",
                         description="Peak host RSS per rank of ZeRO-3 training with the model built whole "
@@ -272,6 +280,11 @@ def cmd_bench(args) -> None:
 
         report = bench_init(load(args.job, args.overrides), args.steps)
         print(format_init_report(report))
+    elif args.bench == "job":
+        from ptm_dist.bench_job import bench_job, format_job_report
+
+        report = bench_job(load(args.job, args.overrides))
+        print(format_job_report(report))
     elif args.bench == "data":
         from ptm_dist.bench import bench_data
 
