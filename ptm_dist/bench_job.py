@@ -208,8 +208,8 @@ def bench_job(cfg: JobConfig) -> dict:
 def format_job_report(r: dict) -> str:
     steps = sorted(r["system_eval_loss"])
     lines = [
-        f"{r['model']}: {r['steps']} steps, {r['tokens']:,} tokens; system: {r['workers']} workers, "
-        f"ZeRO-{r['zero_stage']}, {r['precision']}; strong: one process, {r['strong_threads']} thread(s)",
+        (f"{r['model']}: {r['steps']} steps, {r['tokens']:,} tokens; system: {r['workers']} workers, "
+         f"ZeRO-{r['zero_stage']}, {r['precision']}; strong: one process, {r['strong_threads']} thread(s)"),
         f"{'':34}{'system':>12}{'strong':>12}",
         f"{'tokens/s':34}{r['system_tokens_per_s']:>12,.0f}{r['strong_tokens_per_s']:>12,.0f}",
     ]
