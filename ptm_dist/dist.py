@@ -65,8 +65,8 @@ def init_single_process(device: torch.device) -> None:
                                 world_size=1)
         # The group is ours: end it while the interpreter is whole. Left to interpreter
         # finalization, gloo's worker threads can die holding Python objects and the process
-        # aborts after its work is done ("terminate called without an active exception", exit
-        # -6: seen once in CI on a script that had trained and printed its result).
+        # aborts at exit ("terminate called without an active exception", exit -6: seen once
+        # in CI, a test script that trains with local_trainer).
         atexit.register(_destroy_own_group)
     if device.type == "cuda":
         torch.cuda.set_device(device)
