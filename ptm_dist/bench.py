@@ -252,10 +252,11 @@ def _module_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer, obj) -
     return time.perf_counter() - t0, float(loss)
 
 
-def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tuple[float, float]:
-    """(seconds, last step's loss) of the strong baseline: a minimal trainer's loop (its own
-    AdamW groups, warmup-cosine schedule and clipping, written here as nanoGPT writes them) over
-    the compact GPT-2 of ``ptm_dist.compact``, starting from the same weights as the system."""
+def strong_parts(cfg: JobConfig, hf, device) -> tuple:
+    """(model, optimizer, forward, lr_at) of the strong baseline: a minimal trainer's set-up (its
+    own AdamW groups and warmup-cosine schedule, written here as nanoGPT writes them) around the
+    compact GPT-2 of ``ptm_dist.compact``, starting from the same weights as the system.
+    ``forward(ids)`` is the mean next-token loss; ``lr_at(i)`` the learning rate of step i."""
     from ptm_dist.compact import CompactGPT
 
     t = cfg.train
@@ -266,7 +267,6 @@ def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tu
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=device.type == "cuda")
-    step_fn = torch.compile(model) if t.compile else model
 
     def lr_at(s: int) -> float:  # linear warmup, then cosine to min_lr at max_steps
         if s < t.warmup_steps:
@@ -274,21 +274,33 @@ def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tu
         frac = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         return t.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (t.lr - t.min_lr)
 
+    return model, opt, torch.compile(model) if t.compile else model, lr_at
+
+
+def strong_update(cfg: JobConfig, model, opt, lr: float) -> None:
+    """The strong baseline's optimizer step: clip, set the learning rate, step, clear."""
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tuple[float, float]:
+    """(seconds, last step's loss) of the strong baseline (see strong_parts) on ``batches``."""
+    model, opt, step_fn, lr_at = strong_parts(cfg, hf, device)
+
     def one_step(i: int, timed) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for micro in batches[i]:
             with timed("forward"):
-                loss = step_fn(micro) / t.grad_accum
+                loss = step_fn(micro) / cfg.train.grad_accum
             with timed("backward"):
                 loss.backward()
             total += loss.detach()
         with timed("optimizer"):
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(i)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            strong_update(cfg, model, opt, lr_at(i))
         return total
 
     for i in range(warmup):

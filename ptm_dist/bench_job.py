@@ -6,8 +6,8 @@ trainer, side by side in one run: tokens/s, held-out loss at equal tokens, wall 
     directory that is deleted afterwards;
 (b) strong: one plain process on this machine with the cores the workers share (on GPU: one
     GPU), the compact GPT-2 of ``ptm_dist.compact`` starting from the system's initial weights,
-    trained the way nanoGPT's ``train.py`` trains (its own AdamW groups, warmup-cosine schedule,
-    clipping and loss), on exactly the global batches the system's workers drew: step i
+    trained the way nanoGPT's ``train.py`` trains (``bench.strong_parts``: its own AdamW groups,
+    warmup-cosine schedule, clipping and loss), on exactly the global batches the system's workers drew: step i
     is every rank's micro batches of step i, read in-process from each rank's stream. It is
     evaluated on the same held-out sequences at the same steps with its own loss code.
 
@@ -22,7 +22,6 @@ data); its wall time is given with and without that reading.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -41,7 +40,7 @@ def strong_trainer(spec: dict) -> dict:
     """The strong trainer (run in a subprocess: ``python -m ptm_dist.bench_job SPEC OUT``)."""
     t_start = time.perf_counter()
     from ptm_dist import models
-    from ptm_dist.compact import CompactGPT
+    from ptm_dist.bench import strong_parts, strong_update
     from ptm_dist.data.pieces import Piece
     from ptm_dist.data.pipeline import SequenceStream, take_sequences
     from ptm_dist.data.sources import Shard
@@ -74,19 +73,8 @@ def strong_trainer(spec: dict) -> dict:
     del steps, streams
     data_s = time.perf_counter() - t_start
 
-    model = CompactGPT.from_hf(models.build(hf, seed=cfg.run.seed)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=device.type == "cuda")
-    step_fn = torch.compile(model) if t.compile else model
+    model, opt, step_fn, lr_at = strong_parts(cfg, hf, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
-
-    def lr_at(s: int) -> float:  # linear warmup, then cosine to min_lr at max_steps
-        if s < t.warmup_steps:
-            return t.lr * (s + 1) / t.warmup_steps
-        frac = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return t.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (t.lr - t.min_lr)
 
     @torch.no_grad()
     def held_out_loss() -> float:  # token-weighted mean next-token loss over every held-out token
@@ -116,12 +104,7 @@ def strong_trainer(spec: dict) -> dict:
                 loss = step_fn(micro) / n_micro
             loss.backward()
             total += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(s)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        strong_update(cfg, model, opt, lr_at(s))
         window_losses.append(float(total))  # waits for the device: the step is done
         window_s += time.perf_counter() - t0
         done = s + 1
