@@ -313,11 +313,12 @@ def _compact_loop(cfg: JobConfig, hf, device, batches, warmup: int, timer) -> tu
     return time.perf_counter() - t0, float(loss)
 
 
-def run_baseline(spec: dict) -> dict:
+def run_baseline(spec: dict, module: str = "ptm_dist.bench") -> dict:
+    """``module``'s baseline on ``spec`` in a fresh subprocess (``python -m MODULE SPEC OUT``)."""
     with tempfile.TemporaryDirectory(prefix="ptm-bench-") as tmp:
         src, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         src.write_text(json.dumps(spec))
-        subprocess.run([sys.executable, "-m", "ptm_dist.bench", str(src), str(out)], check=True)
+        subprocess.run([sys.executable, "-m", module, str(src), str(out)], check=True)
         return json.loads(out.read_text())
 
 

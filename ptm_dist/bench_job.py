@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -122,7 +121,7 @@ def strong_trainer(spec: dict) -> dict:
 def bench_job(cfg: JobConfig) -> dict:
     from dataclasses import asdict
 
-    from ptm_dist.bench import compact_unsupported
+    from ptm_dist.bench import compact_unsupported, run_baseline
     from ptm_dist.data.prepare import prepare_data
     from ptm_dist.engine import resolve_precision
     from ptm_dist.errors import ConfigError
@@ -158,13 +157,9 @@ def bench_job(cfg: JobConfig) -> dict:
                 "precision": resolve_precision(cfg.train.precision, device, cfg.zero.stage)}
         print(f"[bench] strong: one process, {threads} thread(s), compact GPT-2, the same "
               f"{cfg.train.max_steps} global batches", flush=True)
-        with tempfile.TemporaryDirectory(prefix="ptm-bench-") as tmp:
-            src, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-            src.write_text(json.dumps(spec))
-            t1 = time.time()
-            subprocess.run([sys.executable, "-m", "ptm_dist.bench_job", str(src), str(out)], check=True)
-            strong_wall = time.time() - t1
-            strong = json.loads(out.read_text())
+        t1 = time.time()
+        strong = run_baseline(spec, module="ptm_dist.bench_job")
+        strong_wall = time.time() - t1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     strong_evals = {int(k): v for k, v in strong["eval_loss"].items()}
