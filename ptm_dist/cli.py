@@ -432,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         from ptm_dist.errors import user_message
+        from ptm_dist.stopping import EXIT_STATUS, RunStopped
 
+        if isinstance(e, RunStopped):  # SIGTERM: checkpointed and stopped, as asked
+            _stop_ray(ray_was_up)
+            print(f"ptm {args.command}: {e}", file=sys.stderr)
+            return EXIT_STATUS
         msg = user_message(e)
         logs = getattr(e, "ptm_logs", None)  # set by runlogs.RunLogs, which holds the traceback
         if msg is None and logs is None:

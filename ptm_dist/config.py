@@ -255,6 +255,13 @@ class TrainSection(_Section):
         "recovers from by restarting the workers from the newest complete checkpoint; -1: no "
         "limit. 0: the first failure stops the run with an error naming the failed worker.",
     )
+    preempt_grace_s: float = Field(
+        30.0, gt=0,
+        description="After SIGTERM to the driver (a preemption notice, Kubernetes ending a pod) the "
+        "run writes a checkpoint at the next step boundary and stops; past this many seconds it "
+        "stops without one (the newest complete checkpoint is kept). Keep it under the notice "
+        "your platform gives (spot instances: 30-120 s; Kubernetes: terminationGracePeriodSeconds).",
+    )
     skip_nonfinite: int = Field(
         0, ge=0,
         description="Steps with a non-finite loss or gradient that a run may skip (the update is "

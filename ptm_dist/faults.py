@@ -12,13 +12,14 @@ system's own behaviour, not a mock's.
     #rank    only on this worker rank
     action   raise (default: RuntimeError) | exit (os._exit(3)) | kill (SIGKILL this process) |
              enospc (OSError ENOSPC, "disk full") | hang (sleep until killed) |
+             wait (sleep until the file $PTM_FAULT_RELEASE exists, at most 10 minutes) |
              nan | inf | gradnan | spike (train.loss only: a non-finite loss, a finite loss
              with NaN gradients, or the loss times 10)
 
 ``PTM_FAULT_ONCE=<dir>`` makes each entry fire once per directory, across processes and
 restarts (a file per entry is created there when it fires), so a restarted run goes on.
 
-``ptm pretrain`` forwards both variables to its Ray Train workers (see ``for_workers``).
+``ptm pretrain`` forwards these variables to its Ray Train workers (see ``for_workers``).
 Examples: ``PTM_FAULT=train.step@25#1:kill`` SIGKILLs rank 1 as it starts step 25;
 ``PTM_FAULT=save.marker_partial@20:exit`` exits with half of step 20's COMPLETE marker written.
 """
@@ -50,6 +51,9 @@ POINTS = (
 
 _ENTRY = re.compile(r"^(?P<point>[\w.]+)(?:@(?P<lo>\d+)(?:-(?P<hi>\d+))?)?(?:#(?P<rank>\d+))?"
                     r"(?::(?P<action>\w+))?$")
+
+
+_VARIABLES = ("PTM_FAULT", "PTM_FAULT_ONCE", "PTM_FAULT_RELEASE")
 
 
 class InjectedFault(RuntimeError):
@@ -125,6 +129,12 @@ def fault_point(point: str, step: int | None = None, rank: int | None = None) ->
     if action == "hang":
         while True:
             time.sleep(1)
+    if action == "wait":
+        release = os.environ.get("PTM_FAULT_RELEASE", "")
+        deadline = time.monotonic() + 600
+        while not (release and os.path.exists(release)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     raise ValueError(f"PTM_FAULT {raw!r}: action {action!r} does not apply at {point}")
 
 
@@ -149,11 +159,11 @@ def poison_loss(loss, step: int, rank: int):
 
 def for_workers() -> dict[str, str]:
     """The fault settings of this process, to hand to Ray Train workers."""
-    return {k: os.environ[k] for k in ("PTM_FAULT", "PTM_FAULT_ONCE") if k in os.environ}
+    return {k: os.environ[k] for k in _VARIABLES if k in os.environ}
 
 
 def install(settings: dict[str, str] | None) -> None:
     """In a worker: take the driver's fault settings (and drop stale ones of a reused process)."""
-    for key in ("PTM_FAULT", "PTM_FAULT_ONCE"):
+    for key in _VARIABLES:
         os.environ.pop(key, None)
     os.environ.update(settings or {})

@@ -111,6 +111,13 @@ def upload_dir(local: Path, target: str) -> None:
     pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def delete_file(path: str) -> None:
+    """Remove a file if it is there."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def delete_dir(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import faults, models, runlogs, storage
+from ptm_dist import faults, models, runlogs, stopping, storage
 from ptm_dist.checkpoint import RankState
 from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
@@ -443,9 +443,11 @@ def _train_loop(spec: PretrainSpec) -> None:
     n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     start_step = tr.step
+    stop = stopping.StopWatch(tr.run_dir, rank, world)
     loop_start = time.time()
     while tr.step < cfg.train.max_steps:
         loss, norm, waited = tr.train_one_step(it)
+        stopping_now = stop.requested()  # every rank, every step: they all stop after the same one
         if rank == 0 and tr.step == start_step + 1:
             storage.write_text(storage.join(tr.run_dir, STARTUP_FILE), json.dumps({
                 "worker_start": worker_start, "model_ready": model_ready, "loop_start": loop_start,
@@ -455,7 +457,7 @@ def _train_loop(spec: PretrainSpec) -> None:
         wait += waited
         n_in_window += 1
         last = tr.step == cfg.train.max_steps
-        if tr.step % cfg.train.log_every == 0 or last:
+        if tr.step % cfg.train.log_every == 0 or last or stopping_now:
             elapsed = time.perf_counter() - window_start - paused
             tps = tokens_per_step * n_in_window / elapsed
             record = {
@@ -492,9 +494,16 @@ def _train_loop(spec: PretrainSpec) -> None:
                 print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
         if spec.eval_tasks is not None and (last or (tasks_every and tr.step % tasks_every == 0)):
             score_tasks()
-        if tr.step % cfg.train.ckpt_every == 0 or last:
+        if tr.step % cfg.train.ckpt_every == 0 or last or stopping_now:
             save_checkpoint(tr, log)
         paused += time.perf_counter() - t_pause
+        if stopping_now and not last:
+            if log is not None:
+                log.write({"step": tr.step, "stopped": stop.reason or "a stop request"})
+            if rank == 0:
+                print(f"[ptm] stopped at step {tr.step} on request ({stop.reason})", flush=True)
+            break
+    stop.close()
     if log is not None:
         log.close()
         tr.tracker.summary({"n_params": tr.n_params, "world_size": world, "precision": tr.precision,

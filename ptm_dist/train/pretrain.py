@@ -20,7 +20,7 @@ import json
 import time
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import faults, launch, progress, runlogs, storage, tracking
+from ptm_dist import faults, launch, progress, runlogs, stopping, storage, tracking
 from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
@@ -63,16 +63,21 @@ def pretrain(cfg: JobConfig) -> str:
           f"tokenizer {data.tokenizer_dir}", flush=True)
     marks = {"start": t0, "prepared": time.time()}  # driver-side start-up, for the summary
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        _train(cfg, run_dir, worker_data, logs, start, tasks, marks)
-        from ptm_dist.generate import summary_sample
+        stopped = _train(cfg, run_dir, worker_data, logs, start, tasks, marks)
+        if stopped is None:
+            from ptm_dist.generate import summary_sample
 
-        sample = summary_sample(run_dir)  # inside RunLogs: what the libraries print goes to the logs
+            sample = summary_sample(run_dir)  # inside RunLogs: what the libraries print goes to the logs
+    if stopped is not None:
+        raise stopping.RunStopped(stopped)
     print_summary(run_dir, time.time() - t0, logs.where, sample, marks)
     return run_dir
 
 
 def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None,
-           marks: dict | None = None) -> None:
+           marks: dict | None = None) -> str | None:
+    """Runs the workers to the end of the job; returns None, or the line saying where the run
+    stopped when a SIGTERM stopped it early (ptm_dist.stopping)."""
     import ray
     import ray.train
 
@@ -110,8 +115,9 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),
                                       max_failures=cfg.train.max_failures)
+        stopping.clear(run_dir)  # a request an earlier command left must not stop this one
         try:
-            with follower:
+            with follower, stopping.on_sigterm(run_dir, cfg.train.preempt_grace_s, progress.print_line) as stop:
                 marks["fit"] = time.time()
                 trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -122,9 +128,22 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
             if message is None:
                 raise
             raise WorkerFailedError(f"{message}; worker output: {logs.local}") from e
+        return stopped_line(run_dir, cfg.train.max_steps, stop.reason)
     finally:
         if owns_ray:
             ray.shutdown()  # also flushes forwarded worker logs, so the summary comes last
+
+
+def stopped_line(run_dir: str, max_steps: int, reason: str | None) -> str | None:
+    """None when the run reached train.max_steps (a stop request that came too late changes
+    nothing); else where it stopped and how to continue."""
+    newest = ckpt_lib.latest_complete_checkpoint(run_dir)
+    step = ckpt_lib.read_meta(newest)["step"] if newest else 0
+    if reason is None or step >= max_steps:
+        return None
+    where = f"{newest} is complete; the same command continues from step {step}" if newest \
+        else "no checkpoint was written"
+    return f"stopped by {reason} at step {step} of {max_steps}: {where}"
 
 
 def worker_failure_message(e: BaseException, max_failures: int, run_dir: str) -> str | None:

@@ -267,6 +267,83 @@ def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_pat
     assert len(offline) >= 2 and all(name.endswith(f"-{wandb_id}") for name in offline), offline
 
 
+def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes_there(reference, tmp_path, cache_dir):
+    """SIGTERM to `ptm pretrain` (only the driver's pid, as a scheduler sends it) while both
+    workers are held at the start of step 15 (released once rank 0 has seen the request): the
+    run writes a complete checkpoint at step 15, the step boundary after the request, between
+    periodic checkpoints (every 10), exits 143 with one line
+    saying where it stopped, and leaves no Ray process behind. The same command again resumes
+    from exactly that step and ends with the uninterrupted run's losses, weights, optimizer state,
+    data positions and per-step sequence ids."""
+    ref_dir, ref_losses, ref_final = reference
+    sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=sig"]
+    cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PTM_FAULT", "PTM_FAULT_ONCE")}
+    env["PTM_PROGRESS"] = "plain"
+    run_dir, release = tmp_path / "sig", tmp_path / "release"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, env={**env, "PTM_FAULT": "train.step@15:wait", "PTM_FAULT_RELEASE": str(release)},
+                                start_new_session=True, stdout=fo, stderr=fe)
+    try:
+        deadline = time.time() + 400
+        while not ((run_dir / "metrics.jsonl").exists()
+                   and any(m.get("step") == 14 and "loss" in m for m in read_lines(run_dir))):
+            assert proc.poll() is None, "driver ended before step 15: " + err.read_text()[-3000:]
+            assert time.time() < deadline, "the run never reached step 14"
+            time.sleep(0.2)
+        t_signal = time.time()
+        os.kill(proc.pid, signal.SIGTERM)
+        log0 = run_dir / "logs" / "worker0.log"
+        while "stop request received (SIGTERM)" not in (log0.read_text() if log0.exists() else ""):
+            assert proc.poll() is None and time.time() < deadline, "rank 0 never saw the request: " + err.read_text()
+            time.sleep(0.05)
+        release.touch()  # the workers take step 15 and stop at the boundary after it
+        rc = proc.wait(120)
+        took = time.time() - t_signal
+        # The driver's children (Ray's processes, a multiprocessing fork server) see it gone and
+        # exit within moments; none may stay.
+        gone_by = time.time() + 15
+        while (left := _descendants_session(proc.pid)) and time.time() < gone_by:
+            time.sleep(0.1)
+    finally:
+        release.touch()
+        for pid in _descendants_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    stdout, stderr = out.read_text(), err.read_text()
+    stopped = [m for m in read_lines(run_dir) if "stopped" in m]
+    assert rc == 143, stdout[-3000:] + stderr[-3000:]
+    assert len(stopped) == 1 and stopped[0]["stopped"] == "SIGTERM", stopped
+    step = stopped[0]["step"]
+    print(f"SIGTERM at step 15: checkpoint at step {step}, process ended {took:.1f}s after the signal; "
+          f"last line: {stderr.strip().splitlines()[-1]}")
+    assert step == 15 and left == []
+    assert stderr.strip().splitlines()[-1] == (
+        f"ptm pretrain: stopped by SIGTERM at step {step} of 40: {run_dir}/checkpoint_{step:08d} is complete; "
+        f"the same command continues from step {step}")
+    assert "Traceback" not in stdout + stderr
+    assert "[ptm] SIGTERM: checkpointing at the next step boundary" in stdout
+    assert (run_dir / f"checkpoint_{step:08d}" / "COMPLETE").exists()
+    assert ck.latest_complete_checkpoint(str(run_dir)) == f"{run_dir}/checkpoint_{step:08d}"
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not (run_dir / "STOP_REQUEST").exists()  # the old request did not stop the re-run
+    resumed = [m["step"] for m in read_lines(run_dir) if "resumed_from" in m]
+    got = losses(run_dir)
+    final = checkpoint_tensors(f"{run_dir}/checkpoint_00000040")
+    data_equal = all(torch.equal(final[k], ref_final[k]) for k in final if k.endswith("/data"))
+    diff = max_diff(final, ref_final)
+    print(f"resumed from {resumed}; steps 1-40 equal losses: {sum(got[s] == ref_losses[s] for s in range(1, 41))}/40; "
+          f"data positions equal: {data_equal}; max |w diff| = {diff}")
+    assert resumed == [step] and data_equal and diff == 0.0
+    assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
+    seqs = read_sequence_log(str(run_dir))
+    for rank, lines in seqs.items():
+        assert [ln["step"] for ln in lines] == list(range(1, 41)), f"rank {rank}: steps missing or repeated"
+    assert seqs == read_sequence_log(str(ref_dir)) and len(seqs) == 2
+
+
 # ---------------------------------------------------------------- 5. non-finite steps and spikes
 
 
