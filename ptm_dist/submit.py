@@ -83,6 +83,17 @@ def _call(fn, address: str | None, *args, **kwargs):
         raise SubmitError(_first_line(e)) from None
 
 
+# `ptm jobs stop` (the Jobs API's stop) sends SIGTERM to the driver, then SIGKILL after this many
+# seconds (Ray's default: 3). Its job supervisor reads it from the job's runtime environment.
+STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"
+
+
+def stop_wait_s(cfg) -> int:
+    """Long enough for the driver to have its workers checkpoint on SIGTERM (train.preempt_grace_s)
+    and then shut down."""
+    return int(-(-cfg.train.preempt_grace_s // 1)) + 30
+
+
 def submit(job: str | None, address: str | None, overrides: list[str], command: str = "pretrain") -> str:
     if command not in SUBMITTABLE:
         raise ConfigError(f"--command {command!r} is not available; allowed: {', '.join(SUBMITTABLE)}")
@@ -103,7 +114,8 @@ def submit(job: str | None, address: str | None, overrides: list[str], command: 
             c.submit_job, address,
             entrypoint=f"python -m ptm_dist.cli {command} job.yaml",
             runtime_env={"working_dir": tmp, "py_modules": [str(pkg)],
-                         "env_vars": {**storage_env(), **WORKER_ENV, "PYTHONUNBUFFERED": "1"}},
+                         "env_vars": {**storage_env(), **WORKER_ENV, "PYTHONUNBUFFERED": "1",
+                                      STOP_WAIT: str(stop_wait_s(cfg))}},
             metadata={"ptm_command": command, "run_name": cfg.run.name},
         )
     return job_id

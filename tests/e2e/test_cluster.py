@@ -176,6 +176,45 @@ def test_submit_spread_job_and_follow_it_to_success(cluster):
     assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # spread: one worker per node
 
 
+def test_ptm_jobs_stop_checkpoints_the_step_the_run_was_stopped_at(cluster, shared):
+    """`ptm jobs stop` (Ray's Jobs API: SIGTERM to the driver, SIGKILL after
+    RAY_JOB_STOP_WAIT_TIME_S, which `ptm submit` sets from train.preempt_grace_s) on a running
+    job: the workers on both nodes write a complete checkpoint at the step boundary after the
+    request, far from any periodic checkpoint, and the driver says where the run stopped."""
+    storage, name = shared / "runs", "stopped"
+    sets = [*DEBUG, "train.max_steps=3000", "train.ckpt_every=1000", "train.eval_every=1000",
+            f"run.name={name}", f"run.storage={storage}", "tracking.wandb=disabled"]
+    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.strip().splitlines()[-1].removeprefix("job_id: ")
+    metrics = storage / name / "metrics.jsonl"
+
+    def steps() -> list[int]:
+        text = metrics.read_text() if metrics.exists() else ""
+        return [m["step"] for m in map(json.loads, filter(None, text.splitlines())) if "loss" in m]
+
+    deadline = time.time() + 400
+    while not [s for s in steps() if s >= 20]:
+        assert time.time() < deadline, "the job never reached step 20: " + ptm(
+            "jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
+        time.sleep(0.5)
+    seen = max(steps())
+    stopped = ptm("jobs", "stop", job_id, "--address", cluster)
+    assert stopped.returncode == 0 and "stop requested" in stopped.stdout, stopped.stdout + stopped.stderr
+    while "STOPPED" not in (status := ptm("jobs", "status", job_id, "--address", cluster).stdout):
+        assert time.time() < deadline and not any(s in status for s in ("SUCCEEDED", "FAILED")), status
+        time.sleep(1)
+    logs = ptm("jobs", "logs", job_id, "--address", cluster).stdout
+    newest = ck.latest_complete_checkpoint(str(storage / name))
+    assert newest is not None, logs[-3000:]
+    step = ck.read_meta(newest)["step"]
+    line = next((ln for ln in logs.splitlines() if ln.startswith("ptm pretrain: stopped by SIGTERM")), None)
+    print(f"ptm jobs stop once step {seen} was logged: {line}")
+    assert seen <= step < 1000 and len(ck.read_meta(newest)["nodes"]) == 2
+    assert line == (f"ptm pretrain: stopped by SIGTERM at step {step} of 3000: {newest} is complete; "
+                    f"the same command continues from step {step}"), logs[-3000:]
+
+
 def test_data_only_on_the_head_node_fails_in_preflight_naming_path_and_node(cluster, shared, tmp_path):
     """A corpus in the head node's local temporary directory: the driver reads it (and trains
     the tokenizer on it), the preflight task on the worker node cannot, and the job stops with

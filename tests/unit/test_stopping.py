@@ -1,0 +1,66 @@
+"""ptm_dist.stopping in one process: the driver's SIGTERM handler (request file, grace timer,
+second signal) and the workers' watch for the request (world of one). The whole path through
+Ray Train (a checkpoint at the next step, exit 143, an exact resume) is
+tests/e2e/test_faults.py::test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes_there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ptm_dist import stopping
+
+
+def _wait_for(predicate, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigterm_writes_the_request_and_past_the_grace_period_interrupts_the_driver(tmp_path):
+    said: list[str] = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), stopping.on_sigterm(str(tmp_path), 0.3, said.append) as state:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: state.reason is not None)
+        request = stopping.read(str(tmp_path))
+        assert request["reason"] == "SIGTERM" and request["grace_s"] == 0.3 and request["pid"] == os.getpid()
+        _wait_for(lambda: False)  # only the grace timer's interrupt ends this
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    assert said[0].startswith("[ptm] SIGTERM: checkpointing at the next step boundary")
+    assert said[1].startswith("[ptm] no checkpoint within train.preempt_grace_s=0.3s")
+
+
+def test_a_second_sigterm_stops_at_once_and_leaving_the_block_cancels_the_timer(tmp_path):
+    with pytest.raises(KeyboardInterrupt), stopping.on_sigterm(str(tmp_path), 60, lambda line: None) as state:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: state.reason is not None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: False)
+    assert state.timer.finished.is_set()  # cancelled: no interrupt 60 s from now
+
+    with stopping.on_sigterm(str(tmp_path / "b"), 60, lambda line: None) as quiet:
+        pass
+    assert quiet.reason is None and quiet.timer is None
+
+
+def test_workers_see_a_request_and_a_cleared_one_is_gone(tmp_path):
+    run_dir = str(tmp_path)
+    stopping.request(run_dir, "SIGTERM", 30)
+    stopping.clear(run_dir)  # a new command removes an earlier request before its workers start
+    assert stopping.read(run_dir) is None
+    stopping.clear(run_dir)  # nothing to remove: no error
+
+    watch = stopping.StopWatch(run_dir, rank=0, world=1)
+    try:
+        assert not watch.requested()
+        stopping.request(run_dir, "SIGTERM", 30)
+        _wait_for(watch.requested, seconds=5 * stopping.POLL_S)
+        assert watch.reason == "SIGTERM"
+    finally:
+        watch.close()
+
