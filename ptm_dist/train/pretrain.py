@@ -20,7 +20,7 @@ import json
 import time
 
 from ptm_dist import checkpoint as ckpt_lib
-from ptm_dist import faults, launch, progress, runlogs, stopping, storage, tracking
+from ptm_dist import faults, launch, lease, progress, runlogs, stopping, storage, tracking
 from ptm_dist.config import JobConfig, cache_dir
 from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import UserError, WorkerFailedError, iter_causes
@@ -30,8 +30,14 @@ from ptm_dist.tracking import read_metrics
 
 
 def pretrain(cfg: JobConfig) -> str:
-    """Run the job; returns the run directory."""
+    """Run the job; returns the run directory. One driver at a time per run directory
+    (ptm_dist.lease): another live one is refused with a line naming it."""
     cfg, run_dir = storage.resolve_run_dir(cfg)
+    with lease.hold(run_dir, "pretrain"):
+        return _pretrain(cfg, run_dir)
+
+
+def _pretrain(cfg: JobConfig, run_dir: str) -> str:
     ckpt_lib.check_same_run(run_dir, cfg.to_dict())
     t0 = time.time()
     launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)

@@ -202,7 +202,9 @@ def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_pat
     while its workers are at step 25; the same command again resumes from step 20 and ends with
     the uninterrupted run's losses, weights, optimizer state and data positions, trains on the
     same sequences at every step (data.log_sequence_ids, ids compared with ==: every sequence
-    consumed exactly once across the kill), and continues the killed run's wandb run."""
+    consumed exactly once across the kill), and continues the killed run's wandb run. While the
+    first driver lives, a second one on its run directory is refused; once it is killed, its
+    lease does not hold the re-run up (same machine, process gone)."""
     ref_dir, ref_losses, ref_final = reference
     sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=drv", "tracking.wandb=offline"]
     cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[a for s in sets for a in ("--set", s)]]
@@ -229,6 +231,14 @@ def test_killed_driver_then_same_command_resumes_exactly_once(reference, tmp_pat
             time.sleep(0.5)
         else:
             pytest.fail("the run never reached step 24")
+        # A second driver on the live run directory (the same command in another terminal, a
+        # resubmitted job) is refused with a line naming the one that holds it.
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+        line = second.stderr.strip().splitlines()[-1]
+        print("second driver:", line)
+        assert second.returncode == 2
+        assert line.startswith(f"ptm pretrain: error: {run_dir} is in use by the driver on host ")
+        assert f", pid {proc.pid}, started " in line and "Traceback" not in second.stderr
         time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
