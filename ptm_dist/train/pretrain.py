@@ -125,7 +125,10 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
         try:
             with follower, stopping.on_sigterm(run_dir, cfg.train.preempt_grace_s, progress.print_line) as stop:
                 marks["fit"] = time.time()
-                trainer.fit()
+                try:
+                    trainer.fit()
+                except SystemExit:  # Ray Train's SIGINT handler ends fit() with sys.exit
+                    raise KeyboardInterrupt from None
         except ray.train.TrainingFailedError as e:
             failure = getattr(e, "controller_failure", None)
             if isinstance(failure, OSError):  # Ray Train's own writes to an unwritable or full run dir

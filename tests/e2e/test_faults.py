@@ -354,6 +354,41 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes_there
     assert seqs == read_sequence_log(str(ref_dir)) and len(seqs) == 2
 
 
+def test_ctrl_c_stops_the_run_with_one_line_and_nothing_left_running(tmp_path, cache_dir):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C sends) while the workers are
+    held at step 15: exit 130, one line, no traceback, no process of the run left, the newest
+    complete checkpoint (step 10) intact and the run directory's lease released, so the same
+    command resumes from it (the resume itself: the killed-driver test above)."""
+    sets = [*DEBUG_OVERRIDES, *LONG, f"run.storage={tmp_path}", "run.name=int"]
+    cmd = [sys.executable, "-m", "ptm_dist.cli", "pretrain", *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PTM_FAULT", "PTM_FAULT_ONCE")}
+    run_dir = tmp_path / "int"
+    proc = subprocess.Popen(cmd, env={**env, "PTM_PROGRESS": "plain", "PTM_FAULT": "train.step@15:wait"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while not ((run_dir / "metrics.jsonl").exists()
+                   and any(m.get("step") == 14 and "loss" in m for m in read_lines(run_dir))):
+            assert proc.poll() is None and time.time() < deadline, "the run never reached step 14"
+            time.sleep(0.2)
+        t_signal = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        took = time.time() - t_signal
+        gone_by = time.time() + 15
+        while (left := _descendants_session(proc.pid)) and time.time() < gone_by:
+            time.sleep(0.1)
+    finally:
+        for pid in _descendants_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    print(f"Ctrl-C: exit {proc.returncode} {took:.1f}s after SIGINT; last line: {stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 130 and left == [], stdout[-2000:] + stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "ptm: interrupted; the newest complete checkpoint is kept"
+    assert "Traceback" not in stdout + stderr
+    assert ck.latest_complete_checkpoint(str(run_dir)) == f"{run_dir}/checkpoint_00000010"
+    assert not (run_dir / "DRIVER_LEASE").exists()
+
+
 # ---------------------------------------------------------------- 5. non-finite steps and spikes
 
 
