@@ -31,6 +31,7 @@ from ptm_dist import storage
 
 STOP_FILE = "STOP_REQUEST"
 POLL_S = 1.0
+PREEMPTION_CHECK_S = 1.0
 EXIT_STATUS = 143  # 128 + SIGTERM, what a process ended by SIGTERM reports: schedulers re-queue it
 
 
@@ -104,11 +105,19 @@ def on_sigterm(run_dir: str, grace_s: float, say=print) -> Iterator[DriverStop]:
 
 class StopWatch:
     """Worker side: rank 0 watches for the request; ``requested()`` is a collective every rank
-    calls after each step, so that all ranks stop after the same one."""
+    calls after each step, so that all ranks stop after the same one.
 
-    def __init__(self, run_dir: str, rank: int, world: int) -> None:
-        self.run_dir, self.world = run_dir, world
+    ``preemption`` (on Ray Train: ``ray.train.get_preemption_info``, itself a collective) is
+    asked about once every PREEMPTION_CHECK_S, on every rank at the same step (rank 0's clock
+    decides, through the same all-reduce); ``drained`` then holds what it said once a node of
+    the run is being drained (a preemption notice)."""
+
+    def __init__(self, run_dir: str, rank: int, world: int, preemption=None) -> None:
+        self.run_dir, self.world, self.rank = run_dir, world, rank
         self.reason: str | None = None
+        self.preemption = preemption
+        self.drained = None
+        self._last_check = time.monotonic()
         self._seen = threading.Event()
         self._done = threading.Event()
         self._group = None
@@ -137,14 +146,28 @@ class StopWatch:
 
     def requested(self) -> bool:
         flag = self._seen.is_set()
+        check = self.preemption is not None and self.rank == 0 and \
+            time.monotonic() - self._last_check >= PREEMPTION_CHECK_S
         if self.world > 1:
             import torch
             import torch.distributed as dist
 
-            t = torch.tensor([int(flag)], dtype=torch.int32)
+            t = torch.tensor([int(flag), int(check)], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-            flag = bool(t.item())
+            flag, check = bool(t[0]), bool(t[1])
+        if check:
+            self._last_check = time.monotonic()
+            self.drained = self.preemption()
         return flag
 
     def close(self) -> None:
         self._done.set()
+
+
+def describe_drain(info) -> str:
+    """A PreemptionInfo (ray.train) in a few words."""
+    nodes = ", ".join(n[:12] for n in getattr(info, "preempted_node_ids", []))
+    ranks = getattr(info, "preempted_ranks", [])
+    deadline = getattr(info, "deadline_ms", None)
+    left = f", {deadline / 1000 - time.time():.0f}s before the deadline" if deadline else ""
+    return f"node {nodes or '?'} with ranks {ranks}{left}"

@@ -443,7 +443,9 @@ def _train_loop(spec: PretrainSpec) -> None:
     n_in_window, wait, paused, window_start = 0, 0.0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     start_step = tr.step
-    stop = stopping.StopWatch(tr.run_dir, rank, world)
+    # A node drain (Ray's preemption notice) is checked with Ray Train's own collective.
+    stop = stopping.StopWatch(tr.run_dir, rank, world, getattr(ray.train, "get_preemption_info", None))
+    saved_for_drain = False
     loop_start = time.time()
     while tr.step < cfg.train.max_steps:
         loss, norm, waited = tr.train_one_step(it)
@@ -494,7 +496,12 @@ def _train_loop(spec: PretrainSpec) -> None:
                 print(f"[ptm] step {tr.step} eval_loss {eval_loss:.4f}", flush=True)
         if spec.eval_tasks is not None and (last or (tasks_every and tr.step % tasks_every == 0)):
             score_tasks()
-        if tr.step % cfg.train.ckpt_every == 0 or last or stopping_now:
+        drain_save = stop.drained is not None and not saved_for_drain
+        if tr.step % cfg.train.ckpt_every == 0 or last or stopping_now or drain_save:
+            if drain_save and rank == 0:
+                print(f"[ptm] node drain notice at step {tr.step} ({stopping.describe_drain(stop.drained)}): "
+                      "checkpointing now; Ray Train restarts the workers from it when the node goes", flush=True)
+            saved_for_drain = saved_for_drain or drain_save
             save_checkpoint(tr, log)
         paused += time.perf_counter() - t_pause
         if stopping_now and not last:

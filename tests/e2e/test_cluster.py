@@ -63,6 +63,9 @@ def ptm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           timeout=timeout, env=env, check=False)
 
 
+GCS: dict[str, str] = {}  # the cluster's GCS address, for `ray` commands
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_endpoint):
     gcs, dash = _ports(2)
@@ -72,6 +75,7 @@ def cluster(tmp_path_factory, s3_endpoint):
     # The nodes know nothing of the S3 server: jobs reach it through what `ptm submit` forwards.
     for key in STORAGE_ENV:
         env.pop(key, None)
+    GCS["address"] = f"127.0.0.1:{gcs}"
     head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={dash}"], env)
     procs = [head]
@@ -250,3 +254,56 @@ def test_a_bad_token_is_rejected_with_one_line(cluster):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"ptm jobs: error: the Ray cluster at {cluster} rejected the authentication token "
         "(set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token)")
+
+
+def test_a_drained_node_checkpoints_at_once_and_the_run_goes_on_without_it(cluster, shared):
+    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` on the worker node (what Ray's
+    autoscaler and KubeRay do before a node goes) while a spread job trains on both nodes: the
+    workers write a complete checkpoint at the step boundary after the notice (far from any
+    periodic one), and once the deadline passes Ray Train restarts the workers on the head node
+    from it, and the job succeeds there. Last in this file: the drained node takes no more work."""
+    storage, name = shared / "runs", "drained"
+    sets = [*DEBUG, "train.max_steps=3000", "train.ckpt_every=1000", "train.eval_every=1000",
+            "train.keep_ckpts=10", f"run.name={name}", f"run.storage={storage}", "tracking.wandb=disabled"]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    code = (f"import json, ray; ray.init(address={GCS['address']!r}, logging_level='ERROR'); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] "
+            "and 'node:__internal_head__' not in n['Resources']]))")
+    probe = subprocess.run([sys.executable, "-c", code],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    (worker_node,) = json.loads(probe.stdout.strip().splitlines()[-1])
+    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.strip().splitlines()[-1].removeprefix("job_id: ")
+    metrics = storage / name / "metrics.jsonl"
+
+    def lines() -> list[dict]:
+        text = metrics.read_text() if metrics.exists() else ""
+        return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+    deadline = time.time() + 400
+    while not [m for m in lines() if m.get("step", 0) >= 20 and "loss" in m]:
+        assert time.time() < deadline, "the job never reached step 20"
+        time.sleep(0.5)
+    drain = subprocess.run([f"{BIN}/ray", "drain-node", f"--address={GCS['address']}", f"--node-id={worker_node}",
+                            "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=ptm test",
+                            "--deadline-remaining-seconds=20"], capture_output=True, text=True, env=env, timeout=60,
+                           check=False)
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    while "SUCCEEDED" not in (status := ptm("jobs", "status", job_id, "--address", cluster).stdout):
+        assert time.time() < deadline and not any(s in status for s in ("STOPPED", "FAILED")), \
+            status + ptm("jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
+        time.sleep(2)
+    logs = ptm("jobs", "logs", job_id, "--address", cluster).stdout
+    notice = next((ln for ln in logs.splitlines() if "node drain notice at step" in ln), None)
+    assert notice is not None, logs[-3000:]
+    step = int(re.search(r"node drain notice at step (\d+)", notice).group(1))
+    meta = ck.read_meta(f"{storage}/{name}/checkpoint_{step:08d}")
+    resumed = [m["step"] for m in lines() if "resumed_from" in m]
+    final = ck.read_meta(ck.latest_complete_checkpoint(str(storage / name)))
+    print(f"drain notice: {notice.strip()}; resumed from {resumed}; final nodes {final['nodes']}")
+    assert step % 1000 and len(set(meta["nodes"])) == 2 and worker_node in meta["nodes"]
+    assert resumed and resumed[0] >= step and final["step"] == 3000
+    assert worker_node not in final["nodes"]  # the rest of the run on the head node
