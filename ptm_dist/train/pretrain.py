@@ -33,11 +33,6 @@ def pretrain(cfg: JobConfig) -> str:
     """Run the job; returns the run directory. One driver at a time per run directory
     (ptm_dist.lease): another live one is refused with a line naming it."""
     cfg, run_dir = storage.resolve_run_dir(cfg)
-    with lease.hold(run_dir, "pretrain"):
-        return _pretrain(cfg, run_dir)
-
-
-def _pretrain(cfg: JobConfig, run_dir: str) -> str:
     ckpt_lib.check_same_run(run_dir, cfg.to_dict())
     t0 = time.time()
     launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
@@ -50,6 +45,13 @@ def _pretrain(cfg: JobConfig, run_dir: str) -> str:
     worker_data = data.for_workers(cache=run_dir)
     check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
     tasks = job_tasks(cfg)  # train.eval_tasks checked against the harness before Ray starts
+    # The job is valid: from here on this command writes into the run directory (the piece plan
+    # above is a cache any driver would write the same).
+    with lease.hold(run_dir, "pretrain"):
+        return _pretrain(cfg, run_dir, t0, start, data, worker_data, tasks)
+
+
+def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data, tasks) -> str:
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
