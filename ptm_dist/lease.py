@@ -65,13 +65,7 @@ def holder_is_live(lease: dict, now: float | None = None) -> bool:
 
 
 def read(run_dir: str) -> dict | None:
-    path = storage.join(run_dir, LEASE_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        return json.loads(storage.read_text(path))
-    except (OSError, ValueError):
-        return None  # removed or being replaced at this moment: treat as free
+    return storage.read_json(storage.join(run_dir, LEASE_FILE))  # None: free (or being replaced)
 
 
 def _describe(lease: dict) -> str:

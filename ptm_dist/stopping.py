@@ -51,13 +51,7 @@ def clear(run_dir: str) -> None:
 
 
 def read(run_dir: str) -> dict | None:
-    path = storage.join(run_dir, STOP_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        return json.loads(storage.read_text(path))
-    except (OSError, ValueError):  # caught mid-write on a filesystem without atomic rename
-        return {"reason": "a stop request"}
+    return storage.read_json(storage.join(run_dir, STOP_FILE))  # caught mid-write: the next poll
 
 
 class DriverStop:

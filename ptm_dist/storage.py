@@ -6,6 +6,7 @@ object storage; everything that touches them goes through these few helpers.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,6 +77,17 @@ def read_text(path: str) -> str:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
         return f.read().decode("utf-8")
+
+
+def read_json(path: str):
+    """A small JSON file's content; None when it is not there, or is caught being replaced (a
+    filesystem where the writer's rename is not atomic)."""
+    if not exists(path):
+        return None
+    try:
+        return json.loads(read_text(path))
+    except (OSError, ValueError):
+        return None
 
 
 def write_text(path: str, text: str, fault: tuple[str, int | None] | None = None) -> None:

@@ -139,6 +139,19 @@ DEBUG = ["model.size=debug", "data.seq_len=32", "train.max_steps=6", "train.ckpt
          "train.micro_batch=4", "scaling.placement=spread"]
 
 
+def submit_job(cluster: str, sets: list[str]) -> str:
+    """`ptm submit` with these overrides; its job id."""
+    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1].removeprefix("job_id: ")
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl so far (run storage on the shared directory)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(ln) for ln in (path.read_text() if path.exists() else "").splitlines() if ln.strip()]
+
+
 def submit_and_wait(cluster: str, sets: list[str]) -> tuple[str, str, str]:
     """(job id, final status line, job logs) of a `ptm submit` followed with `ptm jobs`."""
     proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
@@ -188,14 +201,10 @@ def test_ptm_jobs_stop_checkpoints_the_step_the_run_was_stopped_at(cluster, shar
     storage, name = shared / "runs", "stopped"
     sets = [*DEBUG, "train.max_steps=3000", "train.ckpt_every=1000", "train.eval_every=1000",
             f"run.name={name}", f"run.storage={storage}", "tracking.wandb=disabled"]
-    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job_id = proc.stdout.strip().splitlines()[-1].removeprefix("job_id: ")
-    metrics = storage / name / "metrics.jsonl"
+    job_id = submit_job(cluster, sets)
 
     def steps() -> list[int]:
-        text = metrics.read_text() if metrics.exists() else ""
-        return [m["step"] for m in map(json.loads, filter(None, text.splitlines())) if "loss" in m]
+        return [m["step"] for m in metric_lines(storage / name) if "loss" in m]
 
     deadline = time.time() + 400
     while not [s for s in steps() if s >= 20]:
@@ -274,14 +283,10 @@ def test_a_drained_node_checkpoints_at_once_and_the_run_goes_on_without_it(clust
         capture_output=True, text=True, env=env, timeout=120, check=False)
     assert probe.returncode == 0, probe.stderr[-2000:]
     (worker_node,) = json.loads(probe.stdout.strip().splitlines()[-1])
-    proc = ptm("submit", "--address", cluster, *[a for s in sets for a in ("--set", s)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job_id = proc.stdout.strip().splitlines()[-1].removeprefix("job_id: ")
-    metrics = storage / name / "metrics.jsonl"
+    job_id = submit_job(cluster, sets)
 
     def lines() -> list[dict]:
-        text = metrics.read_text() if metrics.exists() else ""
-        return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        return metric_lines(storage / name)
 
     deadline = time.time() + 400
     while not [m for m in lines() if m.get("step", 0) >= 20 and "loss" in m]:
