@@ -32,6 +32,9 @@ TTL_S = 90.0
 RENEW_S = 20.0
 
 
+_HELD: set[str] = set()  # run directories this process holds now
+
+
 class RunInUseError(UserError, RuntimeError):
     """Another live driver holds the run directory's lease."""
 
@@ -87,11 +90,16 @@ class Lease:
         current = read(self.run_dir)
         if current is not None and holder_is_live(current):
             if current.get("machine") == machine() and current.get("pid") == os.getpid():
-                raise RunInUseError(f"{self.run_dir} is already in use by this process")
-            raise RunInUseError(
-                f"{self.run_dir} is in use by {_describe(current)}; stop that run first "
-                f"(a driver that died without ending frees it {TTL_S:.0f}s after its last renewal)")
+                if self.run_dir in _HELD:
+                    raise RunInUseError(f"{self.run_dir} is already in use by this process")
+                # else: left by an earlier command of this process whose release could not
+                # delete it (the directory was unwritable then): stale, taken over below
+            else:
+                raise RunInUseError(
+                    f"{self.run_dir} is in use by {_describe(current)}; stop that run first "
+                    f"(a driver that died without ending frees it {TTL_S:.0f}s after its last renewal)")
         self._write()
+        _HELD.add(self.run_dir)
         self._thread = threading.Thread(target=self._renew, name="ptm-lease", daemon=True)
         self._thread.start()
 
@@ -105,6 +113,7 @@ class Lease:
                 self._write()
 
     def release(self) -> None:
+        _HELD.discard(self.run_dir)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

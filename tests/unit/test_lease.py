@@ -71,3 +71,12 @@ def test_the_holder_renews_its_lease_and_leaves_a_taken_over_one_alone(tmp_path,
     other = _plant(tmp_path)
     held.release()
     assert json.loads((tmp_path / lease.LEASE_FILE).read_text()) == other
+
+
+def test_this_process_takes_over_its_own_stale_lease_but_not_one_it_holds(tmp_path):
+    """A lease of this process that no `hold` has now was left by an earlier command whose
+    release could not delete it (its directory was unwritable then): the next command takes it."""
+    _plant(tmp_path, machine=lease.machine(), pid=os.getpid())
+    with lease.hold(str(tmp_path)), pytest.raises(lease.RunInUseError, match="already in use by this process"):
+        lease.Lease(str(tmp_path), "pretrain").acquire()
+    assert not (tmp_path / lease.LEASE_FILE).exists()
