@@ -92,7 +92,9 @@ def on_sigterm(run_dir: str, grace_s: float, say=print) -> Iterator[DriverStop]:
     try:
         yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed outside Python, which Python cannot put back; the default
+        # (end the process) is the nearest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if state.timer is not None:
             state.timer.cancel()
 

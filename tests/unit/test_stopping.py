@@ -23,16 +23,43 @@ def _wait_for(predicate, seconds: float = 10.0) -> None:
 
 def test_sigterm_writes_the_request_and_past_the_grace_period_interrupts_the_driver(tmp_path):
     said: list[str] = []
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), stopping.on_sigterm(str(tmp_path), 0.3, said.append) as state:
-        os.kill(os.getpid(), signal.SIGTERM)
-        _wait_for(lambda: state.reason is not None)
-        request = stopping.read(str(tmp_path))
-        assert request["reason"] == "SIGTERM" and request["grace_s"] == 0.3 and request["pid"] == os.getpid()
-        _wait_for(lambda: False)  # only the grace timer's interrupt ends this
-    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+    def outer(signum, frame):  # a known Python handler (what pytest's process had may be none)
+        raise AssertionError("the outer handler ran")
+
+    inherited = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(KeyboardInterrupt), stopping.on_sigterm(str(tmp_path), 0.3, said.append) as state:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait_for(lambda: state.reason is not None)
+            request = stopping.read(str(tmp_path))
+            assert request["reason"] == "SIGTERM" and request["grace_s"] == 0.3 and request["pid"] == os.getpid()
+            _wait_for(lambda: False)  # only the grace timer's interrupt ends this
+        assert signal.getsignal(signal.SIGTERM) is outer  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if inherited is None else inherited)
     assert said[0].startswith("[ptm] SIGTERM: checkpointing at the next step boundary")
     assert said[1].startswith("[ptm] no checkpoint within train.preempt_grace_s=0.3s")
+
+
+def test_a_handler_python_cannot_put_back_is_replaced_by_the_default(tmp_path, monkeypatch):
+    """signal.signal returns None for a handler installed outside Python (C code); restoring None
+    would raise TypeError as the driver ends."""
+    real = signal.signal
+    calls = []
+
+    def fake(signum, handler):
+        calls.append(handler)
+        old = real(signum, handler)
+        return None if len(calls) == 1 else old
+
+    monkeypatch.setattr(stopping.signal, "signal", fake)
+    try:
+        with stopping.on_sigterm(str(tmp_path), 60, lambda line: None):
+            pass
+        assert calls[-1] is signal.SIG_DFL
+    finally:
+        real(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_a_second_sigterm_stops_at_once_and_leaving_the_block_cancels_the_timer(tmp_path):
