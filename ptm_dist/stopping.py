@@ -18,7 +18,6 @@ at once the same way.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import os
@@ -75,7 +74,9 @@ def on_sigterm(run_dir: str, grace_s: float, say=print) -> Iterator[DriverStop]:
     def give_up() -> None:
         say(f"[ptm] no checkpoint within train.preempt_grace_s={grace_s:g}s of the stop request: "
             "stopping without one (the newest complete checkpoint is kept)")
-        _thread.interrupt_main()
+        # A second SIGTERM to ourselves: the handler below raises KeyboardInterrupt in the main
+        # thread. (_thread.interrupt_main runs whatever SIGINT handler is set, or nothing.)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def handler(signum, frame) -> None:
         if state.reason is not None:  # a second SIGTERM: stop at once
@@ -92,11 +93,11 @@ def on_sigterm(run_dir: str, grace_s: float, say=print) -> Iterator[DriverStop]:
     try:
         yield state
     finally:
+        if state.timer is not None:
+            state.timer.cancel()
         # None: a handler installed outside Python, which Python cannot put back; the default
         # (end the process) is the nearest.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        if state.timer is not None:
-            state.timer.cancel()
 
 
 class StopWatch:

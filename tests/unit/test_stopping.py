@@ -28,6 +28,9 @@ def test_sigterm_writes_the_request_and_past_the_grace_period_interrupts_the_dri
         raise AssertionError("the outer handler ran")
 
     inherited = signal.signal(signal.SIGTERM, outer)
+    # Whatever SIGINT does in this process must not matter (in CI an earlier test left it
+    # ignored, and the first version of the grace timer, which simulated a SIGINT, did nothing).
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with pytest.raises(KeyboardInterrupt), stopping.on_sigterm(str(tmp_path), 0.3, said.append) as state:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -38,6 +41,7 @@ def test_sigterm_writes_the_request_and_past_the_grace_period_interrupts_the_dri
         assert signal.getsignal(signal.SIGTERM) is outer  # the previous handler is back
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if inherited is None else inherited)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
     assert said[0].startswith("[ptm] SIGTERM: checkpointing at the next step boundary")
     assert said[1].startswith("[ptm] no checkpoint within train.preempt_grace_s=0.3s")
 
