@@ -59,12 +59,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def holder_is_live(lease: dict, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
+def holder_is_live(lease: dict) -> bool:
     if lease.get("machine") == machine() and lease.get("pid") != os.getpid() \
             and not _pid_alive(int(lease.get("pid", -1))):
         return False  # died on this machine: no need to wait for the expiry
-    return now - float(lease.get("renewed", 0)) < TTL_S
+    return time.time() - float(lease.get("renewed", 0)) < TTL_S
 
 
 def read(run_dir: str) -> dict | None:

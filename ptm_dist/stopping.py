@@ -163,8 +163,6 @@ class StopWatch:
 
 def describe_drain(info) -> str:
     """A PreemptionInfo (ray.train) in a few words."""
-    nodes = ", ".join(n[:12] for n in getattr(info, "preempted_node_ids", []))
-    ranks = getattr(info, "preempted_ranks", [])
-    deadline = getattr(info, "deadline_ms", None)
-    left = f", {deadline / 1000 - time.time():.0f}s before the deadline" if deadline else ""
-    return f"node {nodes or '?'} with ranks {ranks}{left}"
+    nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+    left = f", {info.deadline_ms / 1000 - time.time():.0f}s before the deadline" if info.deadline_ms else ""
+    return f"node {nodes or '?'} with ranks {info.preempted_ranks}{left}"

@@ -11,6 +11,7 @@ API on localhost and reach it through `ray dashboard`, an SSH tunnel or `kubectl
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -91,7 +92,7 @@ STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"
 def stop_wait_s(cfg) -> int:
     """Long enough for the driver to have its workers checkpoint on SIGTERM (train.preempt_grace_s)
     and then shut down."""
-    return int(-(-cfg.train.preempt_grace_s // 1)) + 30
+    return math.ceil(cfg.train.preempt_grace_s) + 30
 
 
 def submit(job: str | None, address: str | None, overrides: list[str], command: str = "pretrain") -> str:
