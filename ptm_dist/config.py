@@ -244,6 +244,13 @@ class TrainSection(_Section):
     )
     ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_ckpts: int = Field(2, ge=1, description="Complete checkpoints kept; the newest is never deleted.")
+    ckpt_upload: Literal["auto", "background", "foreground"] = Field(
+        "auto",
+        description="How workers copy a checkpoint into the run directory. background: training "
+        "goes on while the files upload (COMPLETE is written once every rank's upload finished; "
+        "one upload in flight at a time); foreground: training waits for the upload; auto: "
+        "background for object-storage run directories, foreground for local paths.",
+    )
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
     activation_checkpointing: bool = Field(
         False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."

@@ -38,7 +38,9 @@ POINTS = (
     "save.after_deepspeed",    # DeepSpeed wrote model and optimizer states to the local temp dir
     "save.after_rank_state",   # rank_<r>.pt written locally
     "save.before_report",      # all local files written, nothing in storage yet
-    "save.after_report",       # this rank's files are in storage (ray.train.report returned)
+    "save.after_report",       # this rank's files are in storage (ray.train.report returned;
+                               # with train.ckpt_upload background: the upload was handed off)
+    "save.upload",             # a background upload starts (Ray Train's upload thread)
     "save.before_marker",      # every rank's files are in storage (after the barrier), rank 0
     "save.marker_partial",     # half of the COMPLETE marker's temp file written
     "save.after_marker",       # checkpoint complete, retention not run

@@ -114,6 +114,7 @@ class StopWatch:
         self.reason: str | None = None
         self.preemption = preemption
         self.drained = None
+        self.all_idle = True
         self._last_check = time.monotonic()
         self._seen = threading.Event()
         self._done = threading.Event()
@@ -141,7 +142,9 @@ class StopWatch:
                 return
             self._done.wait(POLL_S)
 
-    def requested(self) -> bool:
+    def requested(self, busy: bool = False) -> bool:
+        """Whether to stop after this step. ``busy``: this rank is still uploading a checkpoint;
+        ``self.all_idle`` then tells whether no rank is (the same answer on every rank)."""
         flag = self._seen.is_set()
         check = self.preemption is not None and self.rank == 0 and \
             time.monotonic() - self._last_check >= PREEMPTION_CHECK_S
@@ -149,9 +152,10 @@ class StopWatch:
             import torch
             import torch.distributed as dist
 
-            t = torch.tensor([int(flag), int(check)], dtype=torch.int32)
+            t = torch.tensor([int(flag), int(check), int(busy)], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-            flag, check = bool(t[0]), bool(t[1])
+            flag, check, busy = bool(t[0]), bool(t[1]), bool(t[2])
+        self.all_idle = not busy
         if check:
             self._last_check = time.monotonic()
             self.drained = self.preemption()

@@ -16,8 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,7 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_patience)
         self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
         self._tasks = None  # (task manager, tokenizer) for train.eval_tasks, made on first use
+        self.pending: PendingSave | None = None  # a checkpoint uploading in the background
 
     # ------------------------------------------------------------------ state
 
@@ -449,7 +452,13 @@ def _train_loop(spec: PretrainSpec) -> None:
     loop_start = time.time()
     while tr.step < cfg.train.max_steps:
         loss, norm, waited = tr.train_one_step(it)
-        stopping_now = stop.requested()  # every rank, every step: they all stop after the same one
+        # Every rank, every step: they all stop after the same one, and a background upload is
+        # committed once no rank is still copying.
+        stopping_now = stop.requested(busy=tr.pending is not None and not tr.pending.done.is_set())
+        if tr.pending is not None and stop.all_idle:
+            t_commit = time.perf_counter()
+            finish_upload(tr, log)
+            paused += time.perf_counter() - t_commit
         if rank == 0 and tr.step == start_step + 1:
             storage.write_text(storage.join(tr.run_dir, STARTUP_FILE), json.dumps({
                 "worker_start": worker_start, "model_ready": model_ready, "loop_start": loop_start,
@@ -510,6 +519,8 @@ def _train_loop(spec: PretrainSpec) -> None:
             if rank == 0:
                 print(f"[ptm] stopped at step {tr.step} on request ({stop.reason})", flush=True)
             break
+    if tr.pending is not None:
+        finish_upload(tr, log)  # the last checkpoint counts once it is complete
     stop.close()
     if log is not None:
         log.close()
@@ -539,39 +550,135 @@ def ray_report(tr: Trainer, local: Path, name: str) -> None:
                      checkpoint_dir_name=name)
 
 
+def ray_report_background(tr: Trainer, local: Path, name: str, pending: PendingSave) -> None:
+    """As ray_report, but Ray Train copies the files from its upload thread
+    (CheckpointUploadMode.ASYNC) while training goes on; ``pending.done`` is set when this rank's
+    copy ended, and ``pending.error`` holds what stopped it."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    def upload(checkpoint, dir_name: str):
+        pending.error = None  # Ray Train retries an upload that failed on a transient S3 error
+        t0 = time.perf_counter()
+        try:
+            faults.fault_point("save.upload", pending.step, tr.rank)
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+            pending.upload_s = time.perf_counter() - t0
+            return persisted
+        except OSError as e:
+            pending.error = ckpt_lib.write_error(pending.target, e)
+            raise pending.error from e
+        except BaseException as e:
+            pending.error = e
+            raise
+        finally:
+            pending.done.set()
+
+    ray.train.report({"step": tr.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                     checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
+
+
 def copy_report(tr: Trainer, local: Path, name: str) -> None:
     """Without Ray (local trainer, tests): copy this rank's files to <run_dir>/<name> directly."""
     storage.upload_dir(local, storage.join(tr.run_dir, name))
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose files this rank is uploading in the background (train.ckpt_upload)."""
+
+    step: int
+    target: str
+    local: Path
+    meta: dict
+    pause_s: float = 0.0  # how long training waited for this save
+    upload_s: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def uploads_in_background(tr: Trainer) -> bool:
+    mode = tr.cfg.train.ckpt_upload
+    return mode == "background" or (mode == "auto" and storage.is_uri(tr.run_dir))
 
 
 def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> None:
     """Every rank writes its part locally, hands it to ray.train.report (which copies it into
     <run_dir>/checkpoint_<step>), then rank 0 marks the checkpoint complete once all have.
 
+    With background uploads (``report`` is ray_report and train.ckpt_upload says so) this
+    returns once the local files are written; the copy runs in Ray Train's upload thread and
+    ``finish_upload`` marks the checkpoint complete at a later step boundary, once every rank's
+    copy ended. One upload is in flight at a time: a save first finishes the previous one.
+
     A failure anywhere in here leaves at most an unmarked directory, which resume, export and
     retention ignore; a storage error (unwritable, full) is raised as CheckpointWriteError.
     The fault points (ptm_dist.faults) mark the stages tests crash in.
     """
+    if tr.pending is not None:
+        finish_upload(tr, log)
+    t0 = time.perf_counter()
     name = ckpt_lib.checkpoint_name(tr.step)
     target = storage.join(tr.run_dir, name)
     step, rank = tr.step, tr.rank
     tmp = Path(tempfile.mkdtemp(prefix=f"ptm-{name}-rank{tr.rank}-"))
+    meta = {
+        "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
+        "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
+        "nodes": tr.nodes, "device": device_name(tr.device), "data": tr.spec.data.identity,
+        "lr_schedule_end": lr_schedule(tr.engine).end,
+    }
+    handed_off = False
     try:
         faults.fault_point("save.begin", step, rank)
         tr.save_local(tmp)
         faults.fault_point("save.before_report", step, rank)
+        if report is ray_report and uploads_in_background(tr):
+            pending = PendingSave(step, target, tmp, meta)
+            ray_report_background(tr, tmp, name, pending)
+            handed_off = True
+            tr.pending = pending
+            faults.fault_point("save.after_report", step, rank)
+            pending.pause_s = time.perf_counter() - t0
+            return
         report(tr, tmp, name)
         faults.fault_point("save.after_report", step, rank)
+        commit_checkpoint(tr, log, target, meta, {"upload": "foreground", "pause_s": time.perf_counter() - t0})
+    except OSError as e:
+        raise ckpt_lib.write_error(target, e) from e
+    finally:
+        if not handed_off:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_upload(tr: Trainer, log: MetricsLog | None) -> None:
+    """Wait for this rank's background upload, then mark the checkpoint complete (every rank
+    calls this at the same step)."""
+    pending, tr.pending = tr.pending, None
+    t0 = time.perf_counter()
+    pending.done.wait()
+    shutil.rmtree(pending.local, ignore_errors=True)
+    if pending.error is not None:
+        raise pending.error
+    commit_checkpoint(tr, log, pending.target, pending.meta, {
+        "upload": "background", "pause_s": pending.pause_s + time.perf_counter() - t0,
+        "upload_s": pending.upload_s,
+    })
+
+
+def commit_checkpoint(tr: Trainer, log: MetricsLog | None, target: str, meta: dict, timing: dict) -> None:
+    """Once every rank's files are in storage: rank 0 writes the COMPLETE marker, applies
+    retention and syncs the metrics. ``timing`` goes into the marker: how the files were
+    uploaded, the seconds training waited for the save (rank 0) and, in the background, the
+    upload's own length."""
+    step, rank = meta["step"], tr.rank
+    try:
         if dist.is_initialized():
             dist.barrier()  # every rank's files are in storage
-        if tr.rank == 0:
+        if rank == 0:
             faults.fault_point("save.before_marker", step, rank)
-            ckpt_lib.mark_complete(target, {
-                "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
-                "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
-                "nodes": tr.nodes, "device": device_name(tr.device), "data": tr.spec.data.identity,
-                "lr_schedule_end": lr_schedule(tr.engine).end,
-            }, fault_step=step)
+            ckpt_lib.mark_complete(target, {**meta, **timing}, fault_step=step)
             faults.fault_point("save.after_marker", step, rank)
             print(f"[ptm] step {step} checkpoint {target}", flush=True)
             ckpt_lib.apply_retention(tr.run_dir, tr.cfg.train.keep_ckpts)
@@ -582,5 +689,3 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
             faults.fault_point("save.end", step, rank)
     except OSError as e:
         raise ckpt_lib.write_error(target, e) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -149,6 +149,39 @@ def test_stop_at_20_and_resume_is_bitwise_the_uninterrupted_run(reference, tmp_p
     assert len(same) == 20 and diff == 0.0
 
 
+def test_background_uploads_a_failed_one_stops_the_run_and_the_resume_is_bitwise(
+        reference, tmp_path, monkeypatch, ray_session):
+    """Checkpoints uploaded in the background (train.ckpt_upload; the reference uploads in the
+    foreground). Rank 1's upload of step 20's checkpoint fails in Ray Train's upload thread (disk
+    full) while training goes on: the run stops with the one-line storage error, not a retry,
+    and step 10's checkpoint (committed before step 20's save began) is the newest complete one.
+    The same job again resumes from step 10 and ends bit-identical to the reference."""
+    _, ref_losses, ref_final = reference
+    cfg = debug_job(tmp_path, "run.name=bg", *LONG, "train.ckpt_upload=background")
+    monkeypatch.setenv("PTM_FAULT", "save.upload@20#1:enospc")
+    with pytest.raises(Exception) as err:
+        pretrain(cfg)
+    line = user_message(err.value)
+    print("background upload failed:", line)
+    run_dir = tmp_path / "bg"
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"cannot write checkpoint {run_dir}/checkpoint_00000020: [Errno 28]")
+    assert line.endswith(f"newest complete checkpoint {run_dir}/checkpoint_00000010 is intact")
+    assert ck.latest_complete_checkpoint(str(run_dir)).endswith("checkpoint_00000010")
+    monkeypatch.delenv("PTM_FAULT")
+    pretrain(cfg)
+    assert [m["step"] for m in read_lines(run_dir) if "resumed_from" in m] == [10]
+    got = losses(run_dir)
+    diff = max_diff(checkpoint_tensors(f"{run_dir}/checkpoint_00000040"), ref_final)
+    meta = ck.read_meta(f"{run_dir}/checkpoint_00000030")
+    print(f"background uploads: steps 11-40 with == losses: {sum(got[s] == ref_losses[s] for s in range(11, 41))}/30; "
+          f"max |weights/optimizer diff| = {diff}; step 30's marker:",
+          {k: meta[k] for k in ("upload", "pause_s", "upload_s")})
+    assert [got[s] for s in range(11, 41)] == [ref_losses[s] for s in range(11, 41)] and diff == 0.0
+    assert meta["upload"] == "background" and meta["upload_s"] > 0 and meta["pause_s"] > 0
+    assert ck.read_meta(f"{reference[0]}/checkpoint_00000030")["upload"] == "foreground"
+
+
 # ---------------------------------------------------------------- 2. worker kill and a crash in a save, max_failures=2
 
 

@@ -25,6 +25,8 @@ def test_run_checkpoints_resume_export_and_finetune_on_s3(tmp_path_factory, tmp_
     lines = [json.loads(x) for x in storage.read_text(f"{run_dir}/metrics.jsonl").splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 10))
     assert ck.latest_complete_checkpoint(run_dir) == f"{run_dir}/checkpoint_00000009"
+    meta = ck.read_meta(f"{run_dir}/checkpoint_00000009")  # object storage: uploaded in the background
+    assert meta["upload"] == "background" and meta["upload_s"] > 0, meta
     for rank in (0, 1):
         assert storage.exists(f"{run_dir}/checkpoint_00000009/rank_{rank}.pt")
     # The resume above read each rank's files only (ck.rank_files); what that is, by rank.

@@ -95,3 +95,44 @@ def test_workers_see_a_request_and_a_cleared_one_is_gone(tmp_path):
     finally:
         watch.close()
 
+
+
+def _busy_ranks(rank: int, port: int, run_dir: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    watch = stopping.StopWatch(run_dir, rank=rank, world=2)
+    try:
+        seen = []
+        # rank 1 still uploading, then neither; the flag each rank passes is its own
+        for busy in ((False, True), (False, False)):
+            stop = watch.requested(busy=busy[rank])
+            seen.append([stop, watch.all_idle])
+        if rank == 0:
+            stopping.request(run_dir, "SIGTERM", 30)
+            _wait_for(lambda: watch._seen.is_set(), seconds=5 * stopping.POLL_S)
+        dist.barrier()
+        seen.append([watch.requested(busy=False), watch.all_idle])  # rank 0 saw it: both stop
+        with open(f"{out}/{rank}", "w") as f:
+            json.dump(seen, f)
+    finally:
+        watch.close()
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_the_same_answers_from_the_per_step_all_reduce(tmp_path):
+    """Two gloo ranks: while one rank's background upload is running neither commits the
+    checkpoint; once no rank is busy both do; a stop request only rank 0 has seen stops both."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from ptm_dist.dist import free_port
+
+    mp.start_processes(_busy_ranks, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    want = [[False, False], [False, True], [True, True]]
+    assert [json.loads((tmp_path / str(r)).read_text()) for r in (0, 1)] == [want, want]
