@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show the libraries' output while the model is exported, loaded and evaluated")
     p = sub.add_parser("bench", help="benchmarks printed side by side with their baselines",
                        description="ptm bench train: this system against plain PyTorch loops; ptm bench job: a "
-                       "whole job against the strong baseline.")
+                       "whole job against the strong baseline; ptm bench ckpt: what a checkpoint costs training.")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("train", help="system vs plain PyTorch loop tokens/s, step breakdown, memory",
                         description="Measure the system (Ray Train + DeepSpeed + Ray Data), a plain "
@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the same global batches from the same initial weights; print tokens/s, "
                         "held-out loss at every evaluation step and wall time side by side.")
     _job_args(b)
+    b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    b = bsub.add_parser("ckpt", help="training time a checkpoint costs: upload in the foreground vs background",
+                        description="Run the job three times into object storage (--storage, or a moto S3 "
+                        "server started here): with one checkpoint at the end, and with a checkpoint every "
+                        "--every steps uploaded in the foreground and in the background; print the training "
+                        "time lost per checkpoint for each.")
+    _job_args(b)
+    b.add_argument("--storage", metavar="URI", help="object storage for the scratch runs, e.g. s3://bucket/prefix "
+                   "(default: a moto S3 server on localhost; needs moto[server], in the test extra)")
+    b.add_argument("--every", type=int, default=10, help="checkpoint every N steps (default 10)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     b = bsub.add_parser("init", help="ZeRO-3 peak memory per rank: model built whole vs partitioned",
                         description="Peak host RSS per rank of ZeRO-3 training with the model built whole "
@@ -280,6 +290,11 @@ def cmd_bench(args) -> None:
 
         report = bench_init(load(args.job, args.overrides), args.steps)
         print(format_init_report(report))
+    elif args.bench == "ckpt":
+        from ptm_dist.bench_ckpt import bench_ckpt, format_ckpt_report
+
+        report = bench_ckpt(load(args.job, args.overrides), args.storage, args.every)
+        print(format_ckpt_report(report))
     elif args.bench == "job":
         from ptm_dist.bench_job import bench_job, format_job_report
 

@@ -34,7 +34,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "ptm_dist.finetune.driver",
         "ptm_dist.finetune.run", "ptm_dist.finetune.sweep", "ptm_dist.bench", "ptm_dist.bench_init",
         "ptm_dist.submit", "ptm_dist.generate"),
-    5: ("ptm_dist.pipeline", "ptm_dist.evaluate", "ptm_dist.bench_job"),
+    5: ("ptm_dist.pipeline", "ptm_dist.evaluate", "ptm_dist.bench_job", "ptm_dist.bench_ckpt"),
     6: ("ptm_dist.cli",),
 }
 RAY_INTERNALS_ALLOWED_IN = {"ptm_dist.launch"}
