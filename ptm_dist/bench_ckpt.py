@@ -12,6 +12,9 @@ server this command starts on localhost), each into a scratch run directory dele
                     first step (startup.json): every checkpoint inside the run, none of start-up
     lost per checkpoint = (training wall - training wall of "none") / checkpoints inside the run
 
+With ``repeat`` > 1 the three runs are repeated in turn and the training walls are medians: on
+a noisy machine the whole-run difference is within run-to-run noise unless repeated.
+
 The markers also give, per checkpoint, how long rank 0's training loop was held (``pause_s``)
 and, in the background, how long the upload itself took (``upload_s``). Evaluations are moved
 to the end so that only checkpoints differ between the runs.
@@ -106,7 +109,7 @@ def _run(cfg: JobConfig, storage_uri: str, mode: str, every: int) -> dict:
         storage.delete_dir(run_dir)
 
 
-def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10) -> dict:
+def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10, repeat: int = 1) -> dict:
     from ptm_dist import storage
 
     if every >= cfg.train.max_steps:
@@ -115,8 +118,21 @@ def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10) 
     if storage_uri is not None and not storage.is_uri(storage_uri):
         raise ConfigError(f"ptm bench ckpt: --storage {storage_uri}: an object-storage URI is needed "
                           "(s3://BUCKET/PREFIX, gs://...); the background upload is for object storage")
+    if repeat < 1:
+        raise ConfigError(f"ptm bench ckpt: --repeat {repeat}: at least 1")
+    done: dict[str, list[dict]] = {mode: [] for mode in MODES}
     with (contextlib.nullcontext(storage_uri) if storage_uri else moto_server()) as uri:
-        runs = {mode: _run(cfg, uri, mode, every) for mode in MODES}
+        for _ in range(repeat):  # the modes interleaved, so that a slow spell of the machine hits each
+            for mode in MODES:
+                done[mode].append(_run(cfg, uri, mode, every))
+    runs = {}
+    for mode, rs in done.items():
+        runs[mode] = {
+            "mode": mode, "train_wall_s": statistics.median(r["train_wall_s"] for r in rs),
+            "train_wall_each_s": [r["train_wall_s"] for r in rs],
+            "checkpoints_inside": rs[0]["checkpoints_inside"], "checkpoint_bytes": rs[0]["checkpoint_bytes"],
+            "pause_s": [p for r in rs for p in r["pause_s"]], "upload_s": [u for r in rs for u in r["upload_s"]],
+        }
     base = runs["none"]["train_wall_s"]
     for r in runs.values():
         n = r["checkpoints_inside"]
@@ -127,7 +143,7 @@ def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10) 
     fg, bg = runs["foreground"]["lost_per_checkpoint_s"], runs["background"]["lost_per_checkpoint_s"]
     return {
         "job": {"model": f"{cfg.model.family}-{cfg.model.size}", "steps": cfg.train.max_steps, "every": every,
-                "workers": cfg.scaling.num_workers, "zero_stage": cfg.zero.stage},
+                "workers": cfg.scaling.num_workers, "zero_stage": cfg.zero.stage, "repeat": repeat},
         "storage": storage_uri or "moto S3 server on localhost",
         "checkpoint_bytes": runs["foreground"]["checkpoint_bytes"],
         "runs": runs,
@@ -145,7 +161,7 @@ def format_ckpt_report(r: dict) -> str:
     lines = [
         (f"checkpoint cost: {j['model']}, {j['workers']} workers, ZeRO-{j['zero_stage']}, {j['steps']} steps, "
          f"a checkpoint every {j['every']} steps, {r['checkpoint_bytes'] / 2**20:,.1f} MiB per checkpoint, "
-         f"into {r['storage']}"),
+         f"into {r['storage']}" + (f"; medians of {j['repeat']} runs each" if j.get("repeat", 1) > 1 else "")),
         (f"{'upload':<12} {'checkpoints':>11} {'training wall':>14} {'lost per ckpt':>14} "
          f"{'held (mean)':>12} {'upload (mean)':>14}"),
     ]

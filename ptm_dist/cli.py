@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--storage", metavar="URI", help="object storage for the scratch runs, e.g. s3://bucket/prefix "
                    "(default: a moto S3 server on localhost; needs moto[server], in the test extra)")
     b.add_argument("--every", type=int, default=10, help="checkpoint every N steps (default 10)")
+    b.add_argument("--repeat", type=int, default=1, help="run the three in turn N times; medians (default 1)")
     b.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     b = bsub.add_parser("init", help="ZeRO-3 peak memory per rank: model built whole vs partitioned",
                         description="Peak host RSS per rank of ZeRO-3 training with the model built whole "
@@ -293,7 +294,7 @@ def cmd_bench(args) -> None:
     elif args.bench == "ckpt":
         from ptm_dist.bench_ckpt import bench_ckpt, format_ckpt_report
 
-        report = bench_ckpt(load(args.job, args.overrides), args.storage, args.every)
+        report = bench_ckpt(load(args.job, args.overrides), args.storage, args.every, args.repeat)
         print(format_ckpt_report(report))
     elif args.bench == "job":
         from ptm_dist.bench_job import bench_job, format_job_report

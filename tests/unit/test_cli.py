@@ -38,8 +38,8 @@ def test_bench_export_report_and_plan():
     assert parse("bench", "train").steps == 20
     a = parse("bench", "data", "--max-shards", "3", "--scale", "4", "--memory", "--json", "out.json")
     assert (a.bench, a.max_shards, a.scale, a.memory, a.json) == ("data", 3, 4, True, "out.json")
-    a = parse("bench", "ckpt", "--storage", "s3://b/p", "--every", "5")
-    assert (a.bench, a.storage, a.every, a.json) == ("ckpt", "s3://b/p", 5, None)
+    a = parse("bench", "ckpt", "--storage", "s3://b/p", "--every", "5", "--repeat", "3")
+    assert (a.bench, a.storage, a.every, a.repeat, a.json) == ("ckpt", "s3://b/p", 5, 3, None)
     assert (parse("bench", "ckpt").storage, parse("bench", "ckpt").every) == (None, 10)
     a = parse("export", "runs/tiny", "--out", "hf")
     assert (a.command, a.src, a.out) == ("export", "runs/tiny", "hf")
