@@ -36,9 +36,10 @@ MODES = ("none", "foreground", "background")
 
 
 @contextlib.contextmanager
-def moto_server():
-    """A moto S3 server on localhost with a bucket 'ptm-bench'; yields the storage URI. Started
-    before Ray so that Ray's workers inherit the endpoint and the credentials."""
+def moto_server(bucket: str):
+    """A moto S3 server (server mode) on localhost with ``bucket``; yields its endpoint URL and
+    sets AWS_ENDPOINT_URL and test credentials in the environment meanwhile. Start it before Ray
+    so that Ray's workers inherit them. (The test suite's S3 server is this one.)"""
     try:
         import boto3
         from moto.server import ThreadedMotoServer
@@ -47,21 +48,21 @@ def moto_server():
                           "AWS_ENDPOINT_URL and credentials set), or install moto[server] and boto3 "
                           "(pip install -e '.[test]') for a local S3 server") from e
     import logging
-    import socket
+
+    from ptm_dist.dist import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
-        boto3.client("s3").create_bucket(Bucket="ptm-bench")
-        yield "s3://ptm-bench/runs"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield endpoint
     finally:
         server.stop()
         for k, v in saved.items():
@@ -121,7 +122,11 @@ def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10, 
     if repeat < 1:
         raise ConfigError(f"ptm bench ckpt: --repeat {repeat}: at least 1")
     done: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    with (contextlib.nullcontext(storage_uri) if storage_uri else moto_server()) as uri:
+    with contextlib.ExitStack() as stack:
+        uri = storage_uri
+        if uri is None:
+            stack.enter_context(moto_server("ptm-bench"))
+            uri = "s3://ptm-bench/runs"
         for _ in range(repeat):  # the modes interleaved, so that a slow spell of the machine hits each
             for mode in MODES:
                 done[mode].append(_run(cfg, uri, mode, every))

@@ -35,24 +35,10 @@ def s3_endpoint():
     """A real S3-compatible server (moto, server mode) on localhost with a bucket 'ptm'.
 
     Started before Ray so that Ray's workers inherit the endpoint and the test credentials."""
-    import logging
-    import socket
+    from ptm_dist.bench_ckpt import moto_server
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3").create_bucket(Bucket="ptm")
-    yield endpoint
-    server.stop()
+    with moto_server("ptm") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
