@@ -81,6 +81,9 @@ class DataPosition:
     taken: int = 0
     consumed: int = 0  # sequences consumed in this epoch by this rank
     last_id: int | None = None
+    # [rank, world] whose plan this is, when it is another rank's (handed over by a resize,
+    # see redistribute); None: this rank's own plan
+    owner: list[int] | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +92,49 @@ class DataPosition:
         for key, value in state.items():
             if key in self.__dataclass_fields__:
                 setattr(self, key, value)
+
+
+def redistribute(states: list[dict], world: int) -> list[dict]:
+    """The data states of ``world`` ranks that continue the stream of ``len(states)`` ranks
+    (``states[i]``: old rank i's ``SequenceStream.state_dict()``), so that every sequence of every
+    epoch is consumed exactly once across the change of worker count.
+
+    What each old rank had left of its epoch (its position, current shuffle window included,
+    and the other ranks' plans it was still finishing from an earlier resize) is handed whole to
+    new rank ``i % world``, which finishes it exactly as the old rank would have (same plan, same
+    windows, same shuffle) before it starts its own plan. The new ranks' own plans start at the
+    first epoch no old rank had begun: an old rank behind the others hands over its epochs up to
+    there too. Growing mid-epoch, the added ranks have nothing handed over and start that epoch
+    at once. Bad pieces any old rank met are skipped by all.
+    """
+    old = len(states)
+    handed: list[list[dict]] = []
+    own_next: list[int] = []
+    bad: dict[str, str] = {}
+    for i, state in enumerate(states):
+        position = DataPosition()
+        position.load_state_dict(state)
+        bad.update(_bad_keys(state))
+        if position.owner is None:  # old rank i was in its own plan
+            position.owner = [i, old]
+            own_next.append(position.epoch + 1)
+        else:
+            own_next.append(int(state["own_epoch"]))
+        handed.append([position.state_dict(), *state.get("queue", [])])
+    first = max(own_next)
+    for i in range(old):  # epochs an old rank had not begun but another had
+        handed[i] += [DataPosition(epoch=e, owner=[i, old]).state_dict() for e in range(own_next[i], first)]
+    out = []
+    for j in range(world):
+        mine = [item for i in range(old) if i % world == j for item in handed[i]]
+        current = mine[0] if mine else DataPosition(epoch=first).state_dict()
+        out.append({**current, "bad": dict(bad), "queue": mine[1:], "own_epoch": first})
+    return out
+
+
+def _bad_keys(state: dict) -> dict[str, str]:
+    # positions saved before pieces name bad shards by index: their one piece is piece 0
+    return {(k if "." in str(k) else f"{k}.0"): v for k, v in state.get("bad", {}).items()}
 
 
 class BadShardBudgetExceeded(DataError):
@@ -149,6 +195,10 @@ class SequenceStream:
         self.max_bad_shards = max_bad_shards
         self.window = max(1, shuffle_window)
         self.position = DataPosition()
+        # other ranks' plans to finish after the current position, handed over by a resize
+        # (redistribute), then this rank's own plan from epoch own_epoch
+        self.queue: list[dict] = []
+        self.own_epoch = 0
         self.bad: dict[str, str] = {}  # piece key ("shard.piece") -> why it was skipped
         # (shard, piece) of the first sequence since the stream last (re)started, and the bytes
         # read from that piece up to the batch that held it (a resume re-reads at most one piece)
@@ -156,16 +206,29 @@ class SequenceStream:
         self._index = {s.uri: i for i, s in enumerate(shards)}
 
     def state_dict(self) -> dict:
-        return {**self.position.state_dict(), "bad": dict(self.bad)}
+        state = {**self.position.state_dict(), "bad": dict(self.bad)}
+        if self.position.owner is not None or self.queue:
+            state.update(queue=[dict(q) for q in self.queue], own_epoch=self.own_epoch)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.position = DataPosition()
         self.position.load_state_dict(state)
-        # positions saved before pieces name bad shards by index: their one piece is piece 0
-        self.bad = {(k if "." in str(k) else f"{k}.0"): v for k, v in state.get("bad", {}).items()}
+        self.queue = [dict(q) for q in state.get("queue", [])]
+        self.own_epoch = int(state.get("own_epoch", self.position.epoch))
+        self.bad = _bad_keys(state)
 
-    def rank_plan(self, epoch: int) -> list[int]:
-        return shard_order(len(self.pieces), self.seed, epoch, self.rank, self.world, self.weights)
+    def rank_plan(self, epoch: int, owner: list[int] | None = None) -> list[int]:
+        rank, world = owner if owner is not None else (self.rank, self.world)
+        return shard_order(len(self.pieces), self.seed, epoch, rank, world, self.weights)
+
+    def _next_handed(self) -> None:
+        """The current handed-over plan is finished: the next one, or this rank's own plan."""
+        self.position = DataPosition()
+        if self.queue:
+            self.position.load_state_dict(self.queue.pop(0))
+        else:
+            self.position.epoch = self.own_epoch
 
     def _plan(self) -> tuple[list[tuple[int, int, int, int]], int]:
         """(epoch, slot, piece, skip) from the current window start: the rest of this
@@ -176,6 +239,11 @@ class SequenceStream:
         plan and the first epoch it does not cover."""
         pos = self.position
         plan: list[tuple[int, int, int, int]] = []
+        if pos.owner is not None:  # another rank's plan, to the end of its epoch only
+            order = self.rank_plan(pos.epoch, pos.owner)
+            plan = [(pos.epoch, k, order[k], pos.chunk if k == pos.slot else 0)
+                    for k in range(pos.slot, len(order)) if self.pieces[order[k]].key not in self.bad]
+            return plan, pos.epoch + 1
         epoch = pos.epoch
         while epoch < pos.epoch + PLAN_EPOCHS:
             order = self.rank_plan(epoch)
@@ -276,8 +344,9 @@ class SequenceStream:
                 window.append(nxt)
                 nxt = next(raw, None)
             order = range(len(window))
-            if self.window > 1:
-                rng = np.random.default_rng([self.seed, pos.epoch, self.rank, pos.slot, pos.chunk])
+            if self.window > 1:  # the plan's owner's shuffle: a handed-over window is rebuilt as it was
+                owner = pos.owner[0] if pos.owner is not None else self.rank
+                rng = np.random.default_rng([self.seed, pos.epoch, owner, pos.slot, pos.chunk])
                 order = rng.permutation(len(window)).tolist()
             for k in range(pos.taken, len(window)):
                 seq_id, tokens = window[order[k]][3:]
@@ -285,7 +354,10 @@ class SequenceStream:
                 pos.consumed += 1
                 yield seq_id, tokens
             pos.slot, pos.chunk, pos.taken = window[-1][1], window[-1][2] + 1, 0
-        self._next_epoch(end_epoch)
+        if self.position.owner is not None:
+            self._next_handed()  # may be empty: the old rank had finished its epoch
+        else:
+            self._next_epoch(end_epoch)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while True:

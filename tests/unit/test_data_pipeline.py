@@ -10,7 +10,7 @@ from data_helpers import _bad_stream_setup, _epoch_ids, _stream_shards, _take, d
 from tokenizers import Tokenizer
 
 from ptm_dist.data.packing import split_id
-from ptm_dist.data.pipeline import SequenceStream, shard_order, take_sequences
+from ptm_dist.data.pipeline import SequenceStream, redistribute, shard_order, take_sequences
 from ptm_dist.data.tokenizer import EOS
 from ptm_dist.errors import DataError
 
@@ -108,3 +108,81 @@ def test_skipped_shards_are_remembered_across_resume(tmp_path, tok_json):
     resumed.load_state_dict(cut.state_dict())
     assert head + _epoch_ids(resumed) == full
     assert list(resumed.bad) == ["2.0"]
+
+
+# ---------------------------------------------------------------- a change of worker count
+
+
+def _consume(stream, n=None, until_epoch=None):
+    """(epoch, id) of the next ``n`` sequences, or of those before the first of ``until_epoch``."""
+    out, it = [], iter(stream)
+    while n is None or len(out) < n:
+        seq_id, _ = next(it)
+        if until_epoch is not None and stream.position.epoch >= until_epoch:
+            break
+        out.append((stream.position.epoch, seq_id))
+    return out
+
+
+def _resize_setup(tmp_path, tok_json):
+    shards = _stream_shards(tmp_path)
+    eos = Tokenizer.from_str(tok_json).token_to_id(EOS)
+
+    def make(rank, world):
+        return SequenceStream(shards, tok_json, 16, eos, seed=3, rank=rank, world=world, use_ray=False,
+                              shuffle_window=5, piece_bytes=600)
+
+    one = make(0, 1)  # every piece once per epoch: the ids any worker count must consume
+    two_epochs = _consume(one, until_epoch=2)
+    expected = {e: sorted(i for ep, i in two_epochs if ep == e) for e in (0, 1)}
+    return make, expected
+
+
+def _assert_exactly_once(consumed, expected):
+    for epoch, ids in expected.items():
+        got = sorted(i for e, i in consumed if e == epoch)
+        assert got == ids, f"epoch {epoch}: {len(got)} consumed, {len(set(got))} distinct, {len(ids)} in the epoch"
+
+
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_resized_streams_consume_every_sequence_of_each_epoch_exactly_once(tmp_path, tok_json, new_world):
+    make, expected = _resize_setup(tmp_path, tok_json)
+    assert len(make(0, 1).pieces) >= 8  # pieces, not only whole shards, are handed over
+    old = [make(r, 2) for r in range(2)]
+    consumed = _consume(old[0], 7) + _consume(old[1], 12)  # mid-window on both ranks
+    states = redistribute([s.state_dict() for s in old], new_world)
+    for rank, state in enumerate(states):
+        stream = make(rank, new_world)
+        stream.load_state_dict(state)
+        consumed += _consume(stream, until_epoch=2)
+    _assert_exactly_once(consumed, expected)
+
+
+def test_two_resizes_in_a_row_and_a_resume_inside_a_handed_over_plan(tmp_path, tok_json):
+    make, expected = _resize_setup(tmp_path, tok_json)
+    old = [make(r, 2) for r in range(2)]
+    consumed = _consume(old[0], 9) + _consume(old[1], 9)
+    three = []
+    for rank, state in enumerate(redistribute([s.state_dict() for s in old], 3)):
+        three.append(make(rank, 3))
+        three[-1].load_state_dict(state)
+    assert three[0].position.owner == [0, 2] and three[2].position.owner is None
+    consumed += _consume(three[0], 4) + _consume(three[1], 4) + _consume(three[2], 4)
+    # rank 2 had nothing handed over and is in epoch 1; ranks 0 and 1 still finish epoch 0
+    assert three[2].position.epoch == 1 and three[0].position.epoch == 0
+    two_states = redistribute([s.state_dict() for s in three], 2)
+    # a resume inside the handed-over plan continues it exactly
+    a = make(0, 2)
+    a.load_state_dict(two_states[0])
+    straight = _consume(a, 30)
+    b = make(0, 2)
+    b.load_state_dict(two_states[0])
+    head = _consume(b, 11)
+    c = make(0, 2)
+    c.load_state_dict(b.state_dict())
+    assert head + _consume(c, 19) == straight
+    for rank, state in enumerate(two_states):
+        stream = make(rank, 2)
+        stream.load_state_dict(state)
+        consumed += _consume(stream, until_epoch=2)
+    _assert_exactly_once(consumed, expected)
