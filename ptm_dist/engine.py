@@ -292,10 +292,11 @@ class _NotMuon:
 
 def _no_muon_update(*args, **kwargs):
     raise RuntimeError("ptm_dist does not train with DeepSpeed's Muon optimizer (its modules are stand-ins "
-                       "in this process; see engine._skip_muon_import)")
+                       "in this process; see engine.skip_muon_import)")
 
 
-def _skip_muon_import() -> None:
+def skip_muon_import() -> None:
+    """Put stand-ins for the Muon modules DeepSpeed imports (call before importing deepspeed)."""
     for name in _MUON_MODULES:
         if name not in sys.modules:
             stand_in = types.ModuleType(name)
@@ -313,7 +314,7 @@ def prepare(model: torch.nn.Module, spec: EngineSpec, device: torch.device):
     use_environment_extensions_dir()  # before DeepSpeed builds its CPU communication op
     import deepspeed
 
-    _skip_muon_import()
+    skip_muon_import()
 
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -508,7 +508,7 @@ def test_engines_train_without_importing_deepspeeds_muon_or_torchinductors_compi
     """Engines of every ZeRO stage (bf16 ZeRO-1 too) built and stepped twice in a fresh process
     never load DeepSpeed's Muon modules, which compile kernels when imported (TorchInductor's
     compiler: this script took 12.7-12.8 s of CPU without stand-ins, 10.1-10.7 s with them): the
-    Muon modules DeepSpeed imports are the stand-ins of engine._skip_muon_import."""
+    Muon modules DeepSpeed imports are the stand-ins of engine.skip_muon_import."""
     import json
     import subprocess
     import sys

@@ -28,6 +28,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("ptm_dist.checkpoint", "ptm_dist.lease", "ptm_dist.stopping", "ptm_dist.tracking", "ptm_dist.engine",
         "ptm_dist.runlogs", "ptm_dist.launch", "ptm_dist.data.*"),
     3: ("ptm_dist.export", "ptm_dist.pretrained", "ptm_dist.report", "ptm_dist.plan", "ptm_dist.train.step",
+        "ptm_dist.train.reshard",
         "ptm_dist.train.spec", "ptm_dist.finetune.task", "ptm_dist.finetune.tagging", "ptm_dist.finetune.worker",
         "ptm_dist.harness"),
     4: ("ptm_dist.train.loop", "ptm_dist.train.entry", "ptm_dist.train.local", "ptm_dist.train.pretrain",
