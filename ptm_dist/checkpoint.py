@@ -11,7 +11,11 @@ A checkpoint is ``<run_dir>/checkpoint_<step:08d>/``:
     probe.pt       logits of the live model on one held-out sequence (export checks them)
     COMPLETE       written last, after every rank's files are in storage: JSON with
                    "format" (FORMAT_VERSION), step, tokens_seen, world_size, zero_stage,
-                   precision, device, nodes, time
+                   precision, device, nodes, time, batch ({"global": sequences per step,
+                   "given": the job's [micro_batch, grad_accum] before a resize changed it}),
+                   resizes ([{"step", "from", "to", "convert_s"}]: each change of worker count)
+    universal/     DeepSpeed's universal form of ds/, made on the first resume on another
+                   number of workers (ptm_dist.train.reshard), DONE written last
 
 DeepSpeed writes its files with no commit point of its own, so only a directory with
 ``COMPLETE`` counts: resume and export use the newest complete checkpoint and never a partial one.
@@ -39,7 +43,7 @@ FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 DS_TAG = "ds"  # DeepSpeed's tag: its files live in <checkpoint>/ds/
 MODEL_CONFIG = "model_config.json"
-IDENTITY = ("model", "data.seq_len", "data.tokenizer", "data.piece_bytes", "zero.stage", "scaling.num_workers")
+IDENTITY = ("model", "data.seq_len", "data.tokenizer", "data.piece_bytes", "zero.stage")
 # What an IDENTITY key meant in a job.yaml written before the key existed.
 IDENTITY_BEFORE = {"data.piece_bytes": 0}  # runs before pieces read every shard whole
 _NAME = re.compile(r"^checkpoint_(\d{8})$")
@@ -249,6 +253,46 @@ def check_resume(ckpt_dir: str, job: dict, data_identity: dict, allow_data_chang
             "trained on, start a new run (--set run.resume=false), or --set run.allow_data_change=true "
             "to continue its weights on the new data from the start of the new shard list")
     return bool(what)
+
+
+def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | None]:
+    """(train.grad_accum to resume ``ckpt_dir`` with on ``workers`` workers, a line saying what
+    changed or None).
+
+    The global batch (sequences per optimizer step: micro batch x workers x grad_accum) that
+    wrote the checkpoint is kept when the job's micro batch and grad_accum are those the run was
+    given (its marker's ``batch.given``; the checkpoint's job.yaml before it was recorded): on
+    another number of workers grad_accum is chosen to keep it, and when no whole number does,
+    this is a ConfigError naming the numbers and what to set. A job that changes train.micro_batch
+    or train.grad_accum itself runs with its own values, as on any resume."""
+    import yaml
+
+    meta = read_meta(ckpt_dir)
+    old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
+    micro, grad_accum = _get(job, "train.micro_batch"), _get(job, "train.grad_accum")
+    old_world = meta["world_size"]
+    batch = meta.get("batch") or {}
+    old_micro, old_accum = _get(old_job, "train.micro_batch"), _get(old_job, "train.grad_accum")
+    given = tuple(batch.get("given", (old_micro, old_accum)))
+    total = batch.get("global", old_micro * old_accum * old_world)
+    if (micro, grad_accum) != given:
+        if micro * grad_accum * workers == total:
+            return grad_accum, None
+        return grad_accum, (f"[ptm] the global batch changes at step {meta['step']}: {total} -> "
+                            f"{micro * grad_accum * workers} sequences per step (train.micro_batch {micro} x "
+                            f"{workers} workers x train.grad_accum {grad_accum})")
+    if total % (micro * workers):
+        fits = [w for w in range(1, total // micro + 1) if total % (micro * w) == 0]
+        raise ConfigError(
+            f"{ckpt_dir} was trained with a global batch of {total} sequences per step ({old_world} workers); "
+            f"{workers} workers x train.micro_batch {micro} cannot keep it (grad_accum would be "
+            f"{total / (micro * workers):g}): use scaling.num_workers in {fits}, or a train.micro_batch that "
+            f"makes micro_batch x {workers} divide {total}")
+    accum = total // (micro * workers)
+    if accum == grad_accum:
+        return accum, None
+    return accum, (f"[ptm] {old_world} -> {workers} workers: train.grad_accum {grad_accum} -> {accum} keeps the "
+                   f"global batch of {total} sequences per step (train.micro_batch {micro} x {workers} x {accum})")
 
 
 def apply_retention(run_dir: str, keep: int) -> list[str]:

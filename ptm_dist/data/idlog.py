@@ -17,15 +17,26 @@ from ptm_dist import storage
 from ptm_dist.errors import ConfigError
 
 
+def _trim(path: Path, resume_step: int) -> None:
+    old = path.read_text().splitlines() if path.exists() else []
+    keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= resume_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
 class SequenceLog:
-    def __init__(self, run_dir: str, rank: int, resume_step: int):
+    """Rank ``rank``'s log, continued from ``resume_step``. Rank 0 also trims the logs of ranks
+    this run does not have (``world``: it resumed on fewer workers than wrote them)."""
+
+    def __init__(self, run_dir: str, rank: int, resume_step: int, world: int | None = None):
         if storage.is_uri(run_dir):
             raise ConfigError(f"data.log_sequence_ids needs a local run directory, not {run_dir}")
         self.path = Path(run_dir) / "sequence_ids" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = self.path.read_text().splitlines() if self.path.exists() else []
-        keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        _trim(self.path, resume_step)
+        if rank == 0 and world is not None:
+            for other in self.path.parent.glob("rank*.jsonl"):
+                if int(other.stem[4:]) >= world:
+                    _trim(other, resume_step)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
 
     def write(self, step: int, seqs: list[tuple[int, int]]) -> None:

@@ -84,6 +84,8 @@ class DataPosition:
     # [rank, world] whose plan this is, when it is another rank's (handed over by a resize,
     # see redistribute); None: this rank's own plan
     owner: list[int] | None = None
+    stop: int | None = None  # a handed-over plan ends before this slot (None: the epoch's end)
+    window_end: int | None = None  # slot of the current window's last sequence (while taken > 0)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -94,23 +96,40 @@ class DataPosition:
                 setattr(self, key, value)
 
 
-def redistribute(states: list[dict], world: int) -> list[dict]:
+def redistribute(states: list[dict], world: int, plan_length) -> list[dict]:
     """The data states of ``world`` ranks that continue the stream of ``len(states)`` ranks
     (``states[i]``: old rank i's ``SequenceStream.state_dict()``), so that every sequence of every
-    epoch is consumed exactly once across the change of worker count.
+    epoch is consumed exactly once across the change of worker count. ``plan_length(owner,
+    epoch)``: the number of slots in the plan of rank ``owner`` = [rank, world] in ``epoch``.
 
-    What each old rank had left of its epoch (its position, current shuffle window included,
-    and the other ranks' plans it was still finishing from an earlier resize) is handed whole to
-    new rank ``i % world``, which finishes it exactly as the old rank would have (same plan, same
-    windows, same shuffle) before it starts its own plan. The new ranks' own plans start at the
-    first epoch no old rank had begun: an old rank behind the others hands over its epochs up to
-    there too. Growing mid-epoch, the added ranks have nothing handed over and start that epoch
-    at once. Bad pieces any old rank met are skipped by all.
+    What each old rank had left of an epoch is cut in two. Its current shuffle window, to the end
+    of the piece the window ends in, goes whole to new rank ``i % world``, which rebuilds that
+    window exactly as the old rank would have (same plan, same shuffle) and skips what was taken.
+    The pieces after it, of every old rank together, are dealt to the new ranks in equal
+    contiguous runs. Each new rank finishes what it was handed, then starts its own plan at the
+    first epoch no old rank had begun (an old rank behind the others hands over its epochs up to
+    there too). Plans handed over by an earlier resize are cut the same way. Bad pieces any old
+    rank met are skipped by all.
     """
     old = len(states)
-    handed: list[list[dict]] = []
+    heads: list[list[dict]] = [[] for _ in range(old)]
+    tails: list[tuple[list[int], int, int]] = []  # (owner, epoch, slot) of whole pieces left
     own_next: list[int] = []
     bad: dict[str, str] = {}
+
+    def cut(i: int, item: DataPosition) -> None:
+        stop = item.stop if item.stop is not None else plan_length(item.owner, item.epoch)
+        if item.taken > 0 and item.window_end is None:  # saved before windows recorded their end
+            heads[i].append(item.state_dict())
+            return
+        head_end = min(stop, (item.window_end if item.taken > 0 else item.slot) + 1)
+        if item.slot < head_end and (item.taken > 0 or item.chunk > 0):
+            heads[i].append({**item.state_dict(), "stop": head_end})
+            first_tail = head_end
+        else:
+            first_tail = item.slot
+        tails.extend((item.owner, item.epoch, k) for k in range(first_tail, stop))
+
     for i, state in enumerate(states):
         position = DataPosition()
         position.load_state_dict(state)
@@ -120,13 +139,24 @@ def redistribute(states: list[dict], world: int) -> list[dict]:
             own_next.append(position.epoch + 1)
         else:
             own_next.append(int(state["own_epoch"]))
-        handed.append([position.state_dict(), *state.get("queue", [])])
+        for item in [position.state_dict(), *state.get("queue", [])]:
+            p = DataPosition()
+            p.load_state_dict(item)
+            cut(i, p)
     first = max(own_next)
     for i in range(old):  # epochs an old rank had not begun but another had
-        handed[i] += [DataPosition(epoch=e, owner=[i, old]).state_dict() for e in range(own_next[i], first)]
+        for epoch in range(own_next[i], first):
+            cut(i, DataPosition(epoch=epoch, owner=[i, old]))
     out = []
     for j in range(world):
-        mine = [item for i in range(old) if i % world == j for item in handed[i]]
+        mine = [item for i in range(old) if i % world == j for item in heads[i]]
+        share = tails[len(tails) * j // world: len(tails) * (j + 1) // world]
+        for owner, epoch, k in share:  # runs of consecutive slots of one plan: one item each
+            last = mine[-1] if mine else None
+            if last is not None and (last["owner"], last["epoch"], last["stop"]) == (list(owner), epoch, k):
+                last["stop"] = k + 1
+            else:
+                mine.append(DataPosition(epoch=epoch, slot=k, owner=list(owner), stop=k + 1).state_dict())
         current = mine[0] if mine else DataPosition(epoch=first).state_dict()
         out.append({**current, "bad": dict(bad), "queue": mine[1:], "own_epoch": first})
     return out
@@ -218,6 +248,10 @@ class SequenceStream:
         self.own_epoch = int(state.get("own_epoch", self.position.epoch))
         self.bad = _bad_keys(state)
 
+    def plan_length(self, owner: list[int], epoch: int) -> int:
+        """Slots in the plan of rank ``owner`` = [rank, world] in ``epoch`` (for redistribute)."""
+        return len(self.rank_plan(epoch, owner))
+
     def rank_plan(self, epoch: int, owner: list[int] | None = None) -> list[int]:
         rank, world = owner if owner is not None else (self.rank, self.world)
         return shard_order(len(self.pieces), self.seed, epoch, rank, world, self.weights)
@@ -241,8 +275,9 @@ class SequenceStream:
         plan: list[tuple[int, int, int, int]] = []
         if pos.owner is not None:  # another rank's plan, to the end of its epoch only
             order = self.rank_plan(pos.epoch, pos.owner)
+            stop = len(order) if pos.stop is None else min(pos.stop, len(order))
             plan = [(pos.epoch, k, order[k], pos.chunk if k == pos.slot else 0)
-                    for k in range(pos.slot, len(order)) if self.pieces[order[k]].key not in self.bad]
+                    for k in range(pos.slot, stop) if self.pieces[order[k]].key not in self.bad]
             return plan, pos.epoch + 1
         epoch = pos.epoch
         while epoch < pos.epoch + PLAN_EPOCHS:
@@ -343,6 +378,7 @@ class SequenceStream:
             while nxt is not None and nxt[0] == pos.epoch and len(window) < self.window:
                 window.append(nxt)
                 nxt = next(raw, None)
+            pos.window_end = window[-1][1]
             order = range(len(window))
             if self.window > 1:  # the plan's owner's shuffle: a handed-over window is rebuilt as it was
                 owner = pos.owner[0] if pos.owner is not None else self.rank
@@ -353,7 +389,7 @@ class SequenceStream:
                 pos.taken, pos.last_id = k + 1, seq_id
                 pos.consumed += 1
                 yield seq_id, tokens
-            pos.slot, pos.chunk, pos.taken = window[-1][1], window[-1][2] + 1, 0
+            pos.slot, pos.chunk, pos.taken, pos.window_end = window[-1][1], window[-1][2] + 1, 0, None
         if self.position.owner is not None:
             self._next_handed()  # may be empty: the old rank had finished its epoch
         else:

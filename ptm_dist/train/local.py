@@ -31,12 +31,19 @@ def local_trainer(cfg: JobConfig, device: torch.device | None = None) -> Trainer
     init_single_process(device)
     cfg = cfg.model_copy(deep=True)
     cfg.scaling.num_workers = 1
+    batch_given = (cfg.train.micro_batch, cfg.train.grad_accum)
+    newest = ckpt_lib.latest_complete_checkpoint(storage.join(storage.absolute(cfg.run.storage), cfg.run.name))
+    if newest is not None:  # written by more workers: keep its global batch (as the driver does)
+        cfg.train.grad_accum, line = ckpt_lib.resume_batch(newest, cfg.to_dict(), 1)
+        if line:
+            print(line, flush=True)
     start = resolve_init(cfg, cache_dir(cfg))
     data = prepare_data(cfg, start.tokenizer_dir if start else None)
     worker_data = data.for_workers()
     check_model(cfg, start, data.tokenizer_dir, worker_data.vocab_size)
     spec = PretrainSpec(job=cfg, run_dir=storage.join(storage.absolute(cfg.run.storage), cfg.run.name),
-                        data=worker_data, start=start, use_ray_data=False, eval_tasks=job_tasks(cfg))
+                        data=worker_data, start=start, use_ray_data=False, eval_tasks=job_tasks(cfg),
+                        batch_given=batch_given)
     return Trainer(spec, rank=0, world=1, device=device)
 
 

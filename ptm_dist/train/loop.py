@@ -31,11 +31,12 @@ from ptm_dist import faults, models, runlogs, stopping, storage
 from ptm_dist.checkpoint import RankState
 from ptm_dist.config import JobConfig
 from ptm_dist.data.idlog import SequenceLog
-from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, take_sequences
+from ptm_dist.data.pipeline import BadShardBudgetExceeded, SequenceStream, redistribute, take_sequences
 from ptm_dist.dist import broadcast_object, gather_objects, mean_over_ranks, rng_state, set_rng_state
 from ptm_dist.engine import EngineSpec, build_model, ds_config, lr_schedule, manual_clip, prepare, resolve_precision
 from ptm_dist.errors import NonFiniteError
 from ptm_dist.tracking import MetricsLog, Tracker, forget_inherited_wandb_service, gpu_peak_flops
+from ptm_dist.train import reshard
 from ptm_dist.train.spec import PretrainSpec
 from ptm_dist.train.step import (
     Objective,
@@ -110,30 +111,41 @@ class Trainer:
         self.tracker = Tracker()  # rank 0's wandb run; a no-op elsewhere
         self._tasks = None  # (task manager, tokenizer) for train.eval_tasks, made on first use
         self.pending: PendingSave | None = None  # a checkpoint uploading in the background
+        self.resizes: list[dict] = []  # each change of worker count this run went through
 
     # ------------------------------------------------------------------ state
 
     def restore(self, ckpt_dir: str) -> None:
+        """Continue from ``ckpt_dir``; written by another number of workers, its weights and
+        optimizer are resharded (ptm_dist.train.reshard) and its data stream redistributed
+        (ptm_dist.data.pipeline.redistribute)."""
         meta = ckpt_lib.read_meta(ckpt_dir)
-        if meta["world_size"] != self.world:
-            raise RuntimeError(
-                f"{ckpt_dir} was written by {meta['world_size']} workers but this run has "
-                f"{self.world}; resume with scaling.num_workers={meta['world_size']}"
-            )
         # The driver refused other data unless allowed (checkpoint.check_resume); this also
         # covers runs started without it (the local runner).
         data_changed = ckpt_lib.check_resume(ckpt_dir, self.cfg.to_dict(), self.spec.data.identity,
                                              self.cfg.run.allow_data_change)
-        local, is_tmp = storage.local_copy(ckpt_dir, select=ckpt_lib.rank_files(self.rank))
-        try:
-            path, _ = self.engine.load_checkpoint(
-                str(local), tag=ckpt_lib.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if path is None:
-                raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
-            state = RankState.load(local, self.rank)
-        finally:
-            storage.drop_local_copy(local, is_tmp)
+        old_world = meta["world_size"]
+        self.resizes = list(meta.get("resizes", []))
+        if old_world == self.world:
+            local, is_tmp = storage.local_copy(ckpt_dir, select=ckpt_lib.rank_files(self.rank))
+            try:
+                path, _ = self.engine.load_checkpoint(
+                    str(local), tag=ckpt_lib.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+                if path is None:
+                    raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint")
+                state = RankState.load(local, self.rank)
+            finally:
+                storage.drop_local_copy(local, is_tmp)
+            data, rng = state.data, state.rng
+        else:
+            seconds = reshard.load_engine(self.engine, ckpt_dir, self.rank)
+            states = reshard.rank_states(ckpt_dir, old_world)
+            state = states[0]  # step, tokens and counters are the same on every rank
+            data = redistribute([s.data for s in states], self.world, self.stream.plan_length)[self.rank]
+            rng = states[self.rank].rng if self.rank < old_world else None
+            self.resizes.append({"step": state.step, "from": old_world, "to": self.world,
+                                 "grad_accum": self.cfg.train.grad_accum, "load_s": round(seconds, 3)})
         self.step, self.tokens_seen = state.step, state.tokens_seen
         schedule = lr_schedule(self.engine)  # as the checkpoint saved it (extensions included)
         if schedule.end != self.cfg.train.max_steps and self.cfg.train.max_steps > self.step:
@@ -142,8 +154,11 @@ class Trainer:
         if state.spikes is not None:
             self.spikes.load_state_dict(state.spikes)
         if not data_changed:  # else the new shard list from its start (run.allow_data_change)
-            self.stream.load_state_dict(state.data)
-        set_rng_state(state.rng)
+            self.stream.load_state_dict(data)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # a rank the checkpoint has no state for (more workers than wrote it)
+            reshard.seed_added_rank(self.cfg.run.seed, self.step, self.rank)
 
     def save_local(self, out: Path) -> None:
         """Write this rank's part of a checkpoint into local directory ``out``."""
@@ -393,7 +408,7 @@ def _train_loop(spec: PretrainSpec) -> None:
         if rank == 0:
             print(f"[ptm] resumed from {resume} at step {tr.step}", flush=True)
     if cfg.data.log_sequence_ids:
-        tr.seq_log = SequenceLog(tr.run_dir, rank, tr.step)
+        tr.seq_log = SequenceLog(tr.run_dir, rank, tr.step, world)
     if dist.is_initialized():
         dist.barrier()  # every rank has read the checkpoint before rank 0 tidies the directory
     log = None
@@ -402,6 +417,7 @@ def _train_loop(spec: PretrainSpec) -> None:
         log = MetricsLog(tr.run_dir, resume_step=tr.step if resume else None)
         if resume:
             log.write({"step": tr.step, "resumed_from": resume})  # where each restart picked up
+
         print(
             f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
@@ -412,6 +428,15 @@ def _train_loop(spec: PretrainSpec) -> None:
             "world_size": world, "n_params": tr.n_params, "tokens_per_step": tr.tokens_per_step,
         })
         print(f"[ptm] {tr.tracker.describe()}", flush=True)
+        resize = tr.resizes[-1] if resume and tr.resizes else None
+        if resize is not None and resize["step"] == tr.step and resize["to"] == world:  # resized just now
+            record = {"step": tr.step, "resize_from_workers": resize["from"], "workers": world,
+                      "grad_accum": resize["grad_accum"], "resize_load_s": resize["load_s"]}
+            log.write(record)
+            tr.tracker.log(record, step=tr.step)
+            print(f"[ptm] resized from {resize['from']} to {world} workers at step {tr.step}: weights and "
+                  f"optimizer resharded in {resize['load_s']:.1f} s, each old worker's rest of its epoch handed "
+                  f"to a new one, train.grad_accum {resize['grad_accum']}", flush=True)
     # With a progress board the driver draws a live bar from rank 0's records instead of the
     # plain step lines below (Ray forwards worker output line by line, which breaks bars).
     board = spec.progress_board if rank == 0 else None
@@ -627,7 +652,9 @@ def save_checkpoint(tr: Trainer, log: MetricsLog | None, report=ray_report) -> N
         "step": tr.step, "tokens_seen": tr.tokens_seen, "world_size": tr.world,
         "zero_stage": tr.cfg.zero.stage, "precision": tr.precision, "time": time.time(),
         "nodes": tr.nodes, "device": device_name(tr.device), "data": tr.spec.data.identity,
-        "lr_schedule_end": lr_schedule(tr.engine).end,
+        "lr_schedule_end": lr_schedule(tr.engine).end, "resizes": tr.resizes,
+        "batch": {"global": tr.cfg.train.micro_batch * tr.cfg.train.grad_accum * tr.world,
+                  "given": list(tr.spec.batch_given or (tr.cfg.train.micro_batch, tr.cfg.train.grad_accum))},
     }
     handed_off = False
     try:

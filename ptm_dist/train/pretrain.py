@@ -55,7 +55,14 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
     newest = ckpt_lib.latest_complete_checkpoint(run_dir)
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
+    batch_given = (cfg.train.micro_batch, cfg.train.grad_accum)
     if newest is not None:
+        accum, line = ckpt_lib.resume_batch(newest, cfg.to_dict(), cfg.scaling.num_workers)
+        if accum != cfg.train.grad_accum:
+            cfg = cfg.model_copy(deep=True)
+            cfg.train.grad_accum = accum
+        if line:
+            progress.print_line(line)
         end = ckpt_lib.read_meta(newest).get("lr_schedule_end", cfg.train.max_steps)
         if end != cfg.train.max_steps:
             progress.print_line(
@@ -71,7 +78,7 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
           f"tokenizer {data.tokenizer_dir}", flush=True)
     marks = {"start": t0, "prepared": time.time()}  # driver-side start-up, for the summary
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        stopped = _train(cfg, run_dir, worker_data, logs, start, tasks, marks)
+        stopped = _train(cfg, run_dir, worker_data, logs, start, tasks, marks, batch_given)
         if stopped is None:
             from ptm_dist.generate import summary_sample
 
@@ -83,7 +90,7 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
 
 
 def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None,
-           marks: dict | None = None) -> str | None:
+           marks: dict | None = None, batch_given: tuple[int, int] | None = None) -> str | None:
     """Runs the workers to the end of the job; returns None, or the line saying where the run
     stopped when a SIGTERM stopped it early (ptm_dist.stopping)."""
     import ray
@@ -119,7 +126,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
             first_step = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
             follower = progress.BoardFollower(board, cfg.train.max_steps, first_step)
         spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, start=start, faults=faults.for_workers(),
-                            progress_board=board, eval_tasks=tasks)
+                            progress_board=board, eval_tasks=tasks, batch_given=batch_given)
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),
                                       max_failures=cfg.train.max_failures)

@@ -28,3 +28,6 @@ class PretrainSpec:
     progress_board: Any = None  # a progress.Board actor handle when the driver draws a live bar
     use_ray_data: bool = True  # False: pack shards in the worker's own process (no Ray)
     eval_tasks: TaskBundle | None = None  # train.eval_tasks with their local task files
+    # the job's (train.micro_batch, train.grad_accum) before a resume on another number of
+    # workers changed grad_accum to keep the global batch (ptm_dist.checkpoint.resume_batch)
+    batch_given: tuple[int, int] | None = None
