@@ -291,8 +291,9 @@ def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | Non
     accum = total // (micro * workers)
     if accum == grad_accum:
         return accum, None
-    return accum, (f"[ptm] {old_world} -> {workers} workers: train.grad_accum {grad_accum} -> {accum} keeps the "
-                   f"global batch of {total} sequences per step (train.micro_batch {micro} x {workers} x {accum})")
+    moved = f"{old_world} -> {workers} workers: " if old_world != workers else f"on {workers} workers (as resized): "
+    return accum, (f"[ptm] {moved}train.grad_accum {grad_accum} -> {accum} keeps the global batch of {total} "
+                   f"sequences per step (train.micro_batch {micro} x {workers} x {accum})")
 
 
 def apply_retention(run_dir: str, keep: int) -> list[str]:

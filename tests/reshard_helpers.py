@@ -71,10 +71,12 @@ def _module_weights(engine) -> dict:
         return {k: v.detach().clone() for k, v in engine.module.named_parameters()}
 
 
-def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[int], out: str) -> None:
+def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[int], out: str,
+                   ckpt_root: str | None = None) -> None:
     """phase "save": 3 steps, checkpoint, then the full state and one more step's weights.
     phase "load": load the checkpoint with ptm_dist.train.reshard on this world size, then the
-    same full state and step."""
+    same full state and step. Checkpoints live under ``ckpt_root`` (default ``out``: a local
+    directory or, to load, an object-storage URI); records go to ``out``."""
     import torch
     import torch.distributed as dist
 
@@ -86,7 +88,7 @@ def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[in
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for stage in stages:
         engine, micro = _engine(stage, world)
-        ckpt = f"{out}/stage{stage}"
+        ckpt = f"{ckpt_root or out}/stage{stage}"
         record = {}
         if phase == "save":
             for step in range(3):
@@ -103,6 +105,7 @@ def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[in
         _step(engine, micro, rank, world, 3)
         record["after"] = {k: v[0] for k, v in _full_state(engine, stage).items()}
         if rank == 0:
-            torch.save(record, f"{ckpt}-{phase}-{world}.pt")
+            where = "s3" if ckpt_root else ""
+            torch.save(record, f"{out}/stage{stage}-{phase}{where}-{world}.pt")
         dist.barrier()
     dist.destroy_process_group()

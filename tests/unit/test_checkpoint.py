@@ -254,3 +254,41 @@ def test_check_resume_refuses_another_schedule_kind_or_its_decay_and_reads_old_j
     assert resume(before) is False
     with pytest.raises(ConfigError, match=r"\(train.schedule: 'cosine' -> 'constant'\)"):
         resume(before, "train.schedule=constant")
+
+
+def test_the_number_of_workers_may_change_and_the_global_batch_is_kept(tmp_path):
+    """scaling.num_workers is not part of the identity; resume_batch keeps the checkpoint's
+    global batch (micro 4 x 2 workers x grad_accum 3 = 24) by choosing grad_accum, refuses worker
+    counts that cannot keep it with one line naming those that can, and lets a job that changes
+    its own batch settings have them."""
+    job = load(None, ["train.micro_batch=4", "train.grad_accum=3", "scaling.num_workers=2"]).to_dict()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    d = make(tmp_path, 10, complete=False)
+    (d / "job.yaml").write_text(yaml.safe_dump(job))
+    ck.mark_complete(str(d), {"step": 10, "world_size": 2})  # no "batch": written before it was recorded
+    ck.check_same_run(str(tmp_path), {**job, "scaling": {**job["scaling"], "num_workers": 3}})
+    assert ck.resume_batch(str(d), job, 2) == (3, None)
+    accum, line = ck.resume_batch(str(d), job, 1)
+    assert accum == 6 and line == ("[ptm] 2 -> 1 workers: train.grad_accum 3 -> 6 keeps the global batch of 24 "
+                                   "sequences per step (train.micro_batch 4 x 1 x 6)")
+    assert ck.resume_batch(str(d), job, 6) == (1, line.replace("2 -> 1", "2 -> 6").replace("3 -> 6", "3 -> 1")
+                                               .replace("4 x 1 x 6", "4 x 6 x 1"))
+    with pytest.raises(ConfigError) as e:
+        ck.resume_batch(str(d), job, 4)
+    assert str(e.value) == (
+        f"{d} was trained with a global batch of 24 sequences per step (2 workers); 4 workers x "
+        "train.micro_batch 4 cannot keep it (grad_accum would be 1.5): use scaling.num_workers in [1, 2, 3, 6], "
+        "or a train.micro_batch that makes micro_batch x 4 divide 24")
+    # after a resize: the marker's batch wins over the job.yaml written with the adjusted grad_accum
+    resized = {**job, "train": {**job["train"], "grad_accum": 6}}
+    (d / "job.yaml").write_text(yaml.safe_dump(resized))
+    ck.mark_complete(str(d), {"step": 10, "world_size": 1, "batch": {"global": 24, "given": [4, 3]}})
+    kept = ("[ptm] on 1 workers (as resized): train.grad_accum 3 -> 6 keeps the global batch of 24 sequences per "
+            "step (train.micro_batch 4 x 1 x 6)")
+    assert ck.resume_batch(str(d), job, 1) == (6, kept)
+    assert ck.resume_batch(str(d), job, 2)[0] == 3
+    # a job that changes its batch settings runs with them, and says the global batch changes
+    own = {**job, "train": {**job["train"], "grad_accum": 1}}
+    changes = ("[ptm] the global batch changes at step 10: 24 -> 8 sequences per step (train.micro_batch 4 x 2 "
+               "workers x train.grad_accum 1)")
+    assert ck.resume_batch(str(d), own, 2) == (1, changes)

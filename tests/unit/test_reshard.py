@@ -14,22 +14,44 @@ STAGES = [0, 1, 2, 3]
 
 
 @pytest.fixture(scope="module")
-def resharded(tmp_path_factory):
+def resharded(tmp_path_factory, s3_endpoint):
+    """Records of the writing run (2 ranks) and of loads on 1 and 4 ranks; ZeRO-2 is also loaded
+    on 1 rank from a copy in S3 (moto), where the conversion reads and writes object storage."""
     import torch.multiprocessing as mp
     from reshard_helpers import reshard_worker
 
+    from ptm_dist import storage
     from ptm_dist.dist import free_port
 
     out = tmp_path_factory.mktemp("reshard")
-    for phase, world in (("save", 2), ("load", 1), ("load", 4)):
-        mp.start_processes(reshard_worker, args=(world, free_port(), phase, STAGES, str(out)), nprocs=world,
+    mp.start_processes(reshard_worker, args=(2, free_port(), "save", STAGES, str(out)), nprocs=2,
+                       start_method="spawn")
+    s3 = f"s3://ptm/reshard-test/{out.name}"
+    storage.upload_dir(out / "stage2", f"{s3}/stage2")
+    mp.start_processes(reshard_worker, args=(1, free_port(), "load", [2], str(out), s3), nprocs=1,
+                       start_method="spawn")
+    for world in (1, 4):
+        mp.start_processes(reshard_worker, args=(world, free_port(), "load", STAGES, str(out)), nprocs=world,
                            start_method="spawn")
-    return out
+    return out, s3
+
+
+def test_a_checkpoint_in_object_storage_is_converted_there_once(resharded):
+    from ptm_dist import storage
+
+    out, s3 = resharded
+    local = torch.load(out / "stage2-load-1.pt")
+    remote = torch.load(out / "stage2-loads3-1.pt")
+    for name, tensors in local["state"].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, remote["state"][name])), name
+    assert storage.exists(f"{s3}/stage2/universal/DONE")
+    assert storage.exists(f"{s3}/stage2/universal/ds/zero/transformer.wte.weight/exp_avg.pt")
 
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("world", [1, 4])
 def test_a_checkpoint_of_two_ranks_continues_on_one_and_on_four(resharded, stage, world):
+    resharded, _ = resharded
     saved = torch.load(resharded / f"stage{stage}-save-2.pt")
     loaded = torch.load(resharded / f"stage{stage}-load-{world}.pt")
     assert loaded["global_steps"] == saved["global_steps"] == 3 and loaded["lr"] == saved["lr"]
