@@ -417,7 +417,6 @@ def _train_loop(spec: PretrainSpec) -> None:
         log = MetricsLog(tr.run_dir, resume_step=tr.step if resume else None)
         if resume:
             log.write({"step": tr.step, "resumed_from": resume})  # where each restart picked up
-
         print(
             f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
