@@ -17,7 +17,13 @@ def _batch(step: int):
     return torch.randint(0, 64, (ROWS, 16), generator=g)
 
 
-def _engine(stage: int, world: int):
+def _case(case: str) -> tuple[int, str]:
+    """"2" -> (2, "fp32"); "2-bf16" -> (2, "bf16")."""
+    stage, _, precision = case.partition("-")
+    return int(stage), precision or "fp32"
+
+
+def _engine(stage: int, world: int, precision: str = "fp32"):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -29,7 +35,7 @@ def _engine(stage: int, world: int):
     micro = min(2, ROWS // world)
     spec = EngineSpec(OptimSpec(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=20, weight_decay=0.1,
                                 grad_clip=1.0, micro_batch=micro, grad_accum=ROWS // (world * micro)),
-                      zero_stage=stage, precision="fp32")
+                      zero_stage=stage, precision=precision)
     return prepare(model, spec, torch.device("cpu"))[0], micro
 
 
@@ -71,7 +77,7 @@ def _module_weights(engine) -> dict:
         return {k: v.detach().clone() for k, v in engine.module.named_parameters()}
 
 
-def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[int], out: str,
+def reshard_worker(rank: int, world: int, port: int, phase: str, cases: list[str], out: str,
                    ckpt_root: str | None = None) -> None:
     """phase "save": 3 steps, checkpoint, then the full state and one more step's weights.
     phase "load": load the checkpoint with ptm_dist.train.reshard on this world size, then the
@@ -86,9 +92,10 @@ def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[in
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for stage in stages:
-        engine, micro = _engine(stage, world)
-        ckpt = f"{ckpt_root or out}/stage{stage}"
+    for case in cases:
+        stage, precision = _case(case)
+        engine, micro = _engine(stage, world, precision)
+        ckpt = f"{ckpt_root or out}/stage{case}"
         record = {}
         if phase == "save":
             for step in range(3):
@@ -106,6 +113,6 @@ def reshard_worker(rank: int, world: int, port: int, phase: str, stages: list[in
         record["after"] = {k: v[0] for k, v in _full_state(engine, stage).items()}
         if rank == 0:
             where = "s3" if ckpt_root else ""
-            torch.save(record, f"{out}/stage{stage}-{phase}{where}-{world}.pt")
+            torch.save(record, f"{out}/stage{case}-{phase}{where}-{world}.pt")
         dist.barrier()
     dist.destroy_process_group()

@@ -42,7 +42,8 @@ from ptm_dist.errors import CheckpointFormatError
 
 UNIVERSAL = "universal"
 DONE = "DONE"
-_ZERO_SHARD = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+# bf16 runs name them bf16_zero_pp_rank_* (DeepSpeed engine._get_zero_ckpt_prefix)
+_ZERO_SHARD = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 _RANK_STATE = re.compile(r"^rank_\d+\.pt$")
 
 
