@@ -326,6 +326,7 @@ def run_baseline(spec: dict, module: str = "ptm_dist.bench") -> dict:
 
 
 def bench_train(cfg: JobConfig, steps: int = 20, warmup: int = 5, search_micro_batch: bool = False) -> dict:
+    cfg.scaling.fixed_workers("ptm bench train")  # a range [MIN, MAX] is for ptm pretrain only
     from dataclasses import asdict
 
     from ptm_dist.data.prepare import prepare_data
@@ -677,6 +678,7 @@ def bench_data(cfg: JobConfig, max_shards: int | None = None, scale: int = 1, me
     process + Ray workers) of both, to show it does not grow with the corpus. ``big_shard_mb``
     also measures a corpus of one shard of that many MB (time to first sequence, throughput
     and peak memory against raw encoding of the same documents), under ``result["big"]``."""
+    cfg.scaling.fixed_workers("ptm bench data")  # a range [MIN, MAX] is for ptm pretrain only
     import tempfile
 
     from ptm_dist.data.pieces import plan_pieces

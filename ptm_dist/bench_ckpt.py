@@ -111,6 +111,7 @@ def _run(cfg: JobConfig, storage_uri: str, mode: str, every: int) -> dict:
 
 
 def bench_ckpt(cfg: JobConfig, storage_uri: str | None = None, every: int = 10, repeat: int = 1) -> dict:
+    cfg.scaling.fixed_workers("ptm bench ckpt")  # a range [MIN, MAX] is for ptm pretrain only
     from ptm_dist import storage
 
     if every >= cfg.train.max_steps:

@@ -103,6 +103,7 @@ def _rank(rank: int, world: int, port: int, job_yaml: str, partitioned: bool, st
 
 def bench_init(cfg, steps: int = 3) -> dict:
     """Per-rank peak RSS with the model built whole and built partitioned (see module doc)."""
+    cfg.scaling.fixed_workers("ptm bench init")  # a range [MIN, MAX] is for ptm pretrain only
     import json
 
     import torch.multiprocessing as mp

@@ -119,6 +119,7 @@ def strong_trainer(spec: dict) -> dict:
 
 
 def bench_job(cfg: JobConfig) -> dict:
+    cfg.scaling.fixed_workers("ptm bench job")  # a range [MIN, MAX] is for ptm pretrain only
     from dataclasses import asdict
 
     from ptm_dist.bench import compact_unsupported, run_baseline

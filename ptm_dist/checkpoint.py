@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptm_dist import faults, storage
+from ptm_dist.config import range_batch_problem
 from ptm_dist.errors import CheckpointFormatError, CheckpointWriteError, ConfigError
 
 FORMAT_VERSION = 1
@@ -265,16 +266,9 @@ def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | Non
     another number of workers grad_accum is chosen to keep it, and when no whole number does,
     this is a ConfigError naming the numbers and what to set. A job that changes train.micro_batch
     or train.grad_accum itself runs with its own values, as on any resume."""
-    import yaml
-
-    meta = read_meta(ckpt_dir)
-    old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
+    meta, given, total = _checkpoint_batch(ckpt_dir)
     micro, grad_accum = _get(job, "train.micro_batch"), _get(job, "train.grad_accum")
     old_world = meta["world_size"]
-    batch = meta.get("batch") or {}
-    old_micro, old_accum = _get(old_job, "train.micro_batch"), _get(old_job, "train.grad_accum")
-    given = tuple(batch.get("given", (old_micro, old_accum)))
-    total = batch.get("global", old_micro * old_accum * old_world)
     if (micro, grad_accum) != given:
         if micro * grad_accum * workers == total:
             return grad_accum, None
@@ -294,6 +288,44 @@ def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | Non
     moved = f"{old_world} -> {workers} workers: " if old_world != workers else f"on {workers} workers (as resized): "
     return accum, (f"[ptm] {moved}train.grad_accum {grad_accum} -> {accum} keeps the global batch of {total} "
                    f"sequences per step (train.micro_batch {micro} x {workers} x {accum})")
+
+
+def _checkpoint_batch(ckpt_dir: str) -> tuple[dict, tuple[int, int], int]:
+    """(marker, the job's own (micro_batch, grad_accum), global batch) of a checkpoint."""
+    import yaml
+
+    meta = read_meta(ckpt_dir)
+    batch = meta.get("batch") or {}
+    if "given" in batch and "global" in batch:
+        return meta, tuple(batch["given"]), batch["global"]
+    old_job = yaml.safe_load(storage.read_text(storage.join(ckpt_dir, "job.yaml"))) or {}
+    old_micro, old_accum = _get(old_job, "train.micro_batch"), _get(old_job, "train.grad_accum")
+    return (meta, tuple(batch.get("given", (old_micro, old_accum))),
+            batch.get("global", old_micro * old_accum * meta["world_size"]))
+
+
+def elastic_batch(ckpt_dir: str | None, job: dict, low: int, high: int) -> tuple[int, str | None]:
+    """(the global batch an elastic run, ``scaling.num_workers: [low, high]``, keeps on every
+    number of workers in its range, a line saying it changed or None).
+
+    The job's batch is defined at ``high`` workers: micro_batch x high x grad_accum; a resume
+    with the job's own micro batch and grad_accum keeps the checkpoint's global batch (as
+    resume_batch does). Each worker group then runs grad_accum = global / (micro_batch x its
+    size), so every size in the range must divide it: otherwise a ConfigError naming the sizes
+    that do not and what to set."""
+    micro, grad_accum = _get(job, "train.micro_batch"), _get(job, "train.grad_accum")
+    total, line, kept = micro * grad_accum * high, None, False
+    if ckpt_dir is not None:
+        meta, given, old_total = _checkpoint_batch(ckpt_dir)
+        if (micro, grad_accum) == given:
+            total, kept = old_total, True
+        elif old_total != total:
+            line = (f"[ptm] the global batch changes at step {meta['step']}: {old_total} -> {total} sequences "
+                    f"per step (train.micro_batch {micro} x {high} workers x train.grad_accum {grad_accum})")
+    problem = range_batch_problem(total, micro, low, high, kept)
+    if problem:
+        raise ConfigError(f"scaling.num_workers [{low}, {high}]: {problem}")
+    return total, line
 
 
 def apply_retention(run_dir: str, keep: int) -> list[str]:

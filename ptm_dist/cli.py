@@ -221,7 +221,7 @@ def cmd_prepare(args) -> None:
     # model.init's tokenizer, as ptm pretrain would take it: the token shards are made with it.
     start = resolve_init(cfg, cache_dir(cfg))
     # The tokenizer sample and the token shards are read by Ray tasks.
-    owns_ray = connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    owns_ray = connect_ray(cfg.scaling.max_workers, cfg.scaling.resources_per_worker)
     try:
         data = prepare_data(cfg, start.tokenizer_dir if start else None)
         print(f"training shards: {len(data.train)}")

@@ -11,6 +11,7 @@ field path, the value given and what is allowed. The schema defaults are the def
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -325,7 +326,12 @@ class ZeroSection(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU, or CPU slots).")
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Ray Train workers (one per GPU, or CPU slots); [MIN, MAX]: an elastic range "
+        "(ptm pretrain): as many as the cluster offers, at least MIN, continuing on fewer when "
+        "nodes are lost and growing back when capacity returns. The job's batch is defined at MAX.",
+    )
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="auto: use GPUs when the Ray cluster has any."
     )
@@ -337,6 +343,48 @@ class ScalingSection(_Section):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="pack: workers on as few nodes as possible; spread: across nodes."
     )
+    resize_check_s: float = Field(
+        60.0, gt=0,
+        description="With an elastic range: how often Ray Train looks for room for more workers "
+        "while the run is healthy; growing restarts the workers from the newest checkpoint.",
+    )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> int | tuple[int, int]:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"must be at least 1, not {v}")
+            return v
+        if not (isinstance(v, (list, tuple)) and len(v) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"must be a number of workers or a range [MIN, MAX], not {v!r}")
+        low, high = v
+        if not 1 <= low <= high:
+            raise ValueError(f"[MIN, MAX] needs 1 <= MIN <= MAX, not {list(v)}")
+        return low if low == high else (low, high)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether num_workers is a range [MIN, MAX]."""
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def fixed_workers(self, command: str) -> int:
+        """num_workers for a command that runs on a fixed number of workers (all but ptm pretrain)."""
+        if not self.elastic:
+            return self.num_workers
+        raise ConfigError(
+            f"scaling.num_workers {list(self.num_workers)}: {command} runs on a fixed number of workers, "
+            f"not a range (only ptm pretrain is elastic); set one number, e.g. --set "
+            f"scaling.num_workers={self.max_workers}")
 
 
 class TrackingSection(_Section):
@@ -480,6 +528,22 @@ class TuneSection(_Section):
         return self
 
 
+def range_batch_problem(total: int, micro: int, low: int, high: int, kept: bool = False) -> str | None:
+    """Why a global batch of ``total`` sequences per step cannot be kept on every worker count of
+    the elastic range [low, high] with ``micro`` sequences per micro batch (each group runs
+    grad_accum = total / (micro x workers)), or None. ``kept``: the total is a checkpoint's."""
+    bad = [n for n in range(low, high + 1) if total % (micro * n)]
+    if not bad:
+        return None
+    span = math.lcm(*range(low, high + 1))
+    what = (f"a range whose every worker count divides {total // micro} (the checkpoint's {total} sequences per "
+            f"step / train.micro_batch {micro})" if kept else
+            f"train.grad_accum a multiple of {span // math.gcd(span, high)}, or a range without those counts")
+    return (f"the global batch of {total} sequences per step (train.micro_batch {micro} x {high} workers x "
+            f"grad_accum {total / (micro * high):g}) cannot be kept on {', '.join(map(str, bad))} "
+            f"worker{'s' if bad != [1] else ''} (grad_accum would not be whole): use {what}")
+
+
 class JobConfig(_Section):
     """A whole job: what `ptm pretrain JOB` runs."""
 
@@ -502,6 +566,16 @@ class JobConfig(_Section):
         if self.tune.metric in other:
             raise ValueError(f"tune.metric {self.tune.metric} is not measured for finetune.task "
                              f"{self.finetune.task}; use accuracy, eval_loss, {', '.join(mine)}")
+        return self
+
+    @model_validator(mode="after")
+    def _range_keeps_batch(self) -> JobConfig:
+        s, t = self.scaling, self.train
+        if s.elastic:  # the batch is defined at MAX workers and kept on each size of the range
+            problem = range_batch_problem(t.micro_batch * t.grad_accum * s.max_workers, t.micro_batch,
+                                          s.min_workers, s.max_workers)
+            if problem:
+                raise ValueError(f"scaling.num_workers {list(s.num_workers)}: {problem}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

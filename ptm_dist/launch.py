@@ -11,6 +11,7 @@ moves them breaks one file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -104,9 +105,14 @@ def check_capacity(launch: Launch, local: bool) -> None:
     may end). Call after connect_ray."""
     import ray
 
-    short = capacity_shortfall(launch.num_workers, launch.resources_per_worker, ray.cluster_resources(),
-                               ray.available_resources())
+    total, available = ray.cluster_resources(), ray.available_resources()
+    short = capacity_shortfall(launch.min_workers or launch.num_workers, launch.resources_per_worker, total,
+                               available)
     if short is None:
+        if launch.min_workers and (fewer := capacity_shortfall(launch.num_workers, launch.resources_per_worker,
+                                                               total, available)):
+            progress.print_line(f"[ptm] elastic range [{launch.min_workers}, {launch.num_workers}]: {fewer}; "
+                                "the run starts on the workers that fit and grows when room appears")
         return
     if local:
         raise ConfigError(f"the workers do not fit on this machine: {short}; lower scaling.num_workers or "
@@ -251,10 +257,12 @@ def use_gpu(setting: bool | str) -> bool:
 class Launch:
     """How many workers a Ray Train job gets, on what, placed how."""
 
-    num_workers: int
+    num_workers: int  # with min_workers: the most (an elastic range)
     use_gpu: bool
     resources_per_worker: dict
     placement: str = "pack"  # pack | spread
+    min_workers: int | None = None  # an elastic range [min_workers, num_workers] (Ray Train's elasticity)
+    resize_check_s: float = 60.0  # how often Ray Train looks for room to grow an elastic group
 
     @classmethod
     def resolve(cls, num_workers: int, use_gpu_setting: bool | str, resources: dict | None,
@@ -271,7 +279,10 @@ class Launch:
     @classmethod
     def from_scaling(cls, scaling) -> Launch:
         """From a job's ``scaling`` section (call after connect_ray)."""
-        return cls.resolve(scaling.num_workers, scaling.use_gpu, scaling.resources_per_worker, scaling.placement)
+        how = cls.resolve(scaling.max_workers, scaling.use_gpu, scaling.resources_per_worker, scaling.placement)
+        if scaling.elastic:
+            how = dataclasses.replace(how, min_workers=scaling.min_workers, resize_check_s=scaling.resize_check_s)
+        return how
 
 
 def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_path: str,
@@ -283,8 +294,9 @@ def make_trainer(loop, loop_config: dict, launch: Launch, *, name: str, storage_
 
     try:
         scaling = ray.train.ScalingConfig(
-            num_workers=launch.num_workers, use_gpu=launch.use_gpu,
-            resources_per_worker=launch.resources_per_worker, placement_strategy=launch.placement.upper(),
+            num_workers=(launch.min_workers, launch.num_workers) if launch.min_workers else launch.num_workers,
+            use_gpu=launch.use_gpu, resources_per_worker=launch.resources_per_worker,
+            placement_strategy=launch.placement.upper(), elastic_resize_monitor_interval_s=launch.resize_check_s,
         )
     except ValueError as e:  # Ray's own checks of the combination: one line, not its traceback
         raise ConfigError(f"scaling: {str(e).splitlines()[0]}") from None

@@ -24,6 +24,7 @@ from ptm_dist.finetune.worker import FinetuneSpec, better, finetune_worker, read
 
 def finetune(cfg: JobConfig) -> str:
     """Run the fine-tuning job; returns its run directory."""
+    cfg.scaling.fixed_workers("ptm finetune")  # a range [MIN, MAX] is for ptm pretrain only
     import ray
 
     base = storage.absolute(cfg.run.storage)  # a local or shared path, or an object-store URI

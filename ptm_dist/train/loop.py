@@ -169,7 +169,13 @@ class Trainer:
         faults.fault_point("save.after_rank_state", self.step, self.rank)
         logits = self.probe_logits()
         if self.rank == 0:
-            (out / "job.yaml").write_text(self.cfg.to_yaml())
+            job = self.cfg
+            if self.spec.global_batch is not None and self.spec.batch_given:
+                # an elastic range: the job as written (its batch defined at MAX workers), not this
+                # group's grad_accum; the marker's batch records what ran
+                job = self.cfg.model_copy(deep=True)
+                job.train.grad_accum = self.spec.batch_given[1]
+            (out / "job.yaml").write_text(job.to_yaml())
             self.hf_config.to_json_file(str(out / ckpt_lib.MODEL_CONFIG))  # the architecture, for export
             tok_dir = out / "tokenizer"
             tok_dir.mkdir()
@@ -395,6 +401,7 @@ def _train_loop(spec: PretrainSpec) -> None:
     worker_start = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = spec.for_world(world)  # an elastic range: grad_accum for this group's size
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -417,8 +424,12 @@ def _train_loop(spec: PretrainSpec) -> None:
         log = MetricsLog(tr.run_dir, resume_step=tr.step if resume else None)
         if resume:
             log.write({"step": tr.step, "resumed_from": resume})  # where each restart picked up
+        workers = f"{world} workers"
+        if spec.global_batch is not None:
+            workers += (f" of scaling.num_workers {list(cfg.scaling.num_workers)} (train.grad_accum "
+                        f"{cfg.train.grad_accum} keeps the global batch of {spec.global_batch} sequences)")
         print(
-            f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {world} workers, "
+            f"[ptm] {cfg.model.family}-{cfg.model.size}: {tr.n_params / 1e6:.2f}M params, {workers}, "
             f"ZeRO-{cfg.zero.stage}, {tr.precision}, device {device.type}", flush=True,
         )
         # One wandb run per job, from rank 0 only; its id is kept in the run dir for resumes.

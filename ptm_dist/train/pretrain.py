@@ -35,7 +35,7 @@ def pretrain(cfg: JobConfig) -> str:
     cfg, run_dir = storage.resolve_run_dir(cfg)
     ckpt_lib.check_same_run(run_dir, cfg.to_dict())
     t0 = time.time()
-    launch.check_local_cpus(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    launch.check_local_cpus(cfg.scaling.max_workers, cfg.scaling.resources_per_worker)
     # Before Ray starts: a missing path, an unknown format or an unreadable tokenizer is an
     # error in seconds. (A tokenizer still to train samples the shards in this process.)
     start = resolve_init(cfg, cache_dir(cfg), cluster=launch.joins_cluster())
@@ -56,13 +56,20 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
     data_changed = newest is not None and ckpt_lib.check_resume(
         newest, cfg.to_dict(), worker_data.identity, cfg.run.allow_data_change)
     batch_given = (cfg.train.micro_batch, cfg.train.grad_accum)
-    if newest is not None:
+    global_batch = None  # an elastic range: each worker group derives grad_accum from it
+    if cfg.scaling.elastic:
+        global_batch, line = ckpt_lib.elastic_batch(newest, cfg.to_dict(), cfg.scaling.min_workers,
+                                                    cfg.scaling.max_workers)
+        if line:
+            progress.print_line(line)
+    elif newest is not None:
         accum, line = ckpt_lib.resume_batch(newest, cfg.to_dict(), cfg.scaling.num_workers)
         if accum != cfg.train.grad_accum:
             cfg = cfg.model_copy(deep=True)
             cfg.train.grad_accum = accum
         if line:
             progress.print_line(line)
+    if newest is not None:
         end = ckpt_lib.read_meta(newest).get("lr_schedule_end", cfg.train.max_steps)
         if end != cfg.train.max_steps:
             progress.print_line(
@@ -78,7 +85,7 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
           f"tokenizer {data.tokenizer_dir}", flush=True)
     marks = {"start": t0, "prepared": time.time()}  # driver-side start-up, for the summary
     with runlogs.RunLogs(run_dir, "pretrain") as logs:
-        stopped = _train(cfg, run_dir, worker_data, logs, start, tasks, marks, batch_given)
+        stopped = _train(cfg, run_dir, worker_data, logs, start, tasks, marks, batch_given, global_batch)
         if stopped is None:
             from ptm_dist.generate import summary_sample
 
@@ -90,7 +97,8 @@ def _pretrain(cfg: JobConfig, run_dir: str, t0: float, start, data, worker_data,
 
 
 def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, start=None, tasks=None,
-           marks: dict | None = None, batch_given: tuple[int, int] | None = None) -> str | None:
+           marks: dict | None = None, batch_given: tuple[int, int] | None = None,
+           global_batch: int | None = None) -> str | None:
     """Runs the workers to the end of the job; returns None, or the line saying where the run
     stopped when a SIGTERM stopped it early (ptm_dist.stopping)."""
     import ray
@@ -101,7 +109,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
     from ptm_dist.train.spec import PretrainSpec
 
     marks = {} if marks is None else marks
-    owns_ray = launch.connect_ray(cfg.scaling.num_workers, cfg.scaling.resources_per_worker)
+    owns_ray = launch.connect_ray(cfg.scaling.max_workers, cfg.scaling.resources_per_worker)
     marks["ray"] = time.time()
     try:
         how = launch.Launch.from_scaling(cfg.scaling)
@@ -126,7 +134,8 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
             first_step = ckpt_lib.read_meta(resume_from)["step"] if resume_from else 0
             follower = progress.BoardFollower(board, cfg.train.max_steps, first_step)
         spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, start=start, faults=faults.for_workers(),
-                            progress_board=board, eval_tasks=tasks, batch_given=batch_given)
+                            progress_board=board, eval_tasks=tasks, batch_given=batch_given,
+                            global_batch=global_batch)
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),
                                       max_failures=cfg.train.max_failures)

@@ -11,6 +11,7 @@ The worker node is handed the cluster token in RAY_AUTH_TOKEN (its ~/.ray is hid
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -25,9 +26,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from data_helpers import _shards, plan_epoch_ids
 
 from ptm_dist import checkpoint as ck
 from ptm_dist import storage as st
+from ptm_dist.config import load
+from ptm_dist.data.idlog import read_sequence_log
 from ptm_dist.submit import STORAGE_ENV
 
 BIN = str(Path(sys.executable).parent)
@@ -64,6 +68,50 @@ def ptm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
 
 
 GCS: dict[str, str] = {}  # the cluster's GCS address, for `ray` commands
+NODE: dict = {}  # what starting another worker node takes: its environment and the directories it hides
+# Each node offers one of these: a job asking for it per worker gets one worker per node.
+SLOT = "ptm_slot"
+
+
+def _start_worker_node() -> tuple[subprocess.Popen, str]:
+    """Another worker node of the module's cluster, a machine of its own as far as files go:
+    (its `ray start` process, its temp directory)."""
+    # Its own temp dir and HOME, as on a separate machine (two nodes sharing one
+    # runtime_resources directory also unpack and garbage-collect the job's package under
+    # each other's feet), and the head's files hidden.
+    worker_tmp = tempfile.mkdtemp(prefix="rayw-", dir="/tmp")
+    home = Path.home()
+    worker_env = {k: v for k, v in NODE["env"].items() if k != "PTM_DIST_CACHE"}
+    worker_env.update(HOME=f"{worker_tmp}/home", RAY_AUTH_TOKEN=(home / ".ray" / "auth_token").read_text().strip())
+    # DeepSpeed's CPU comm op, built once per machine (about 2 minutes): the node reads a
+    # copy, as an image would carry it, instead of building it again.
+    built = home / ".cache" / "torch_extensions"
+    if built.is_dir():
+        shutil.copytree(built, f"{worker_tmp}/torch_extensions")
+    worker_env["TORCH_EXTENSIONS_DIR"] = f"{worker_tmp}/torch_extensions"
+    proc = _ray_start([f"--address={GCS['address']}", f"--temp-dir={worker_tmp}", f"--resources={{\"{SLOT}\": 1}}"],
+                      worker_env, hide=[d for d in NODE["hidden"] if Path(d).is_dir()])
+    return proc, worker_tmp
+
+
+def _wait_for_nodes(n: int) -> None:
+    """Until the cluster has ``n`` live nodes."""
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run([f"{BIN}/ray", "status", f"--address={GCS['address']}"], capture_output=True,
+                             text=True, env=NODE["env"], check=False).stdout
+        active = out.split("Pending:")[0]
+        if active.count("node_") >= n:
+            return
+        assert time.time() < deadline, f"the cluster did not reach {n} nodes:\n{out}"
+        time.sleep(2)
+
+
+def _stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +124,16 @@ def cluster(tmp_path_factory, s3_endpoint):
     for key in STORAGE_ENV:
         env.pop(key, None)
     GCS["address"] = f"127.0.0.1:{gcs}"
+    home = Path.home()
+    NODE.update(env=env, hidden=[str(tmp_path_factory.getbasetemp().parent), "/tmp/ray", str(home / ".cache"),
+                                 str(home / ".ray")])
+    # A worker group that cannot start (a node gone but not yet declared dead) is given up after
+    # this long and the next size tried: 30 s instead of Ray Train's 60 (the controller runs here).
     head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                       f"--dashboard-port={dash}"], env)
+                       f"--dashboard-port={dash}", f"--resources={{\"{SLOT}\": 1}}"],
+                      {**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"})
     procs = [head]
-    worker_tmp = None
+    temps = []
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -87,44 +141,22 @@ def cluster(tmp_path_factory, s3_endpoint):
             assert time.time() < deadline, "the head node did not come up"
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)
-        # Its own temp dir and HOME, as on a separate machine (two nodes sharing one
-        # runtime_resources directory also unpack and garbage-collect the job's package under
-        # each other's feet), and the head's files hidden.
-        worker_tmp = tempfile.mkdtemp(prefix="rayw-", dir="/tmp")
-        home = Path.home()
-        hidden = [str(tmp_path_factory.getbasetemp().parent), "/tmp/ray", str(home / ".cache"), str(home / ".ray")]
-        worker_env = {k: v for k, v in env.items() if k != "PTM_DIST_CACHE"}
-        worker_env.update(HOME=f"{worker_tmp}/home", RAY_AUTH_TOKEN=(home / ".ray" / "auth_token").read_text().strip())
-        # DeepSpeed's CPU comm op, built once per machine (about 2 minutes): the node reads a
-        # copy, as an image would carry it, instead of building it again.
-        built = home / ".cache" / "torch_extensions"
-        if built.is_dir():
-            shutil.copytree(built, f"{worker_tmp}/torch_extensions")
-        worker_env["TORCH_EXTENSIONS_DIR"] = f"{worker_tmp}/torch_extensions"
-        procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_tmp}"], worker_env,
-                                hide=[d for d in hidden if Path(d).is_dir()]))
-        deadline = time.time() + 120
-        while True:
-            out = subprocess.run([f"{BIN}/ray", "status", f"--address=127.0.0.1:{gcs}"], capture_output=True,
-                                 text=True, env=env, check=False).stdout
-            if out.count("node_") >= 2 or "2 node" in out:
-                break
-            assert time.time() < deadline, f"the worker node did not join:\n{out}"
-            time.sleep(2)
+        proc, worker_tmp = _start_worker_node()
+        procs.append(proc)
+        temps.append(worker_tmp)
+        _wait_for_nodes(2)
+        NODE["temps"] = temps
         yield address
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _stop_node(p)
         for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        if worker_tmp:
-            shutil.rmtree(worker_tmp, ignore_errors=True)
+                _stop_node(p, signal.SIGKILL)
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +295,77 @@ def test_a_bad_token_is_rejected_with_one_line(cluster):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"ptm jobs: error: the Ray cluster at {cluster} rejected the authentication token "
         "(set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token)")
+
+
+def test_an_elastic_run_loses_a_node_and_finishes_on_the_two_left(cluster, shared):
+    """Issue 15's elastic range on three nodes: a third worker node joins, a job with
+    scaling.num_workers [2, 3] (one worker per node, through a resource each node offers once)
+    starts on all three; once it has a complete checkpoint, every process of the third node is
+    SIGKILLed (a machine gone, no notice). The run resumes from its newest complete checkpoint
+    on the two nodes left, grad_accum 2 -> 3 keeping the global batch of 24, and finishes; every
+    sequence of epochs 0 and 1 is consumed exactly once across the change."""
+    third, third_tmp = _start_worker_node()
+    try:
+        _wait_for_nodes(3)
+        corpus = shared / "elastic-corpus"
+        corpus.mkdir()
+        _shards(corpus)
+        storage, name = shared / "runs", "elastic3"
+        sets = [*DEBUG, f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.2", "data.shuffle_window=8",
+                "data.seq_len=16", "data.piece_bytes=2000", "data.log_sequence_ids=true",
+                "scaling.num_workers=[2, 3]", f"scaling.resources_per_worker={{CPU: 1, {SLOT}: 1}}",
+                "train.grad_accum=2", "train.max_steps=20", "train.ckpt_every=5", "train.eval_every=1000",
+                "train.keep_ckpts=10", "train.max_failures=3", f"run.name={name}", f"run.storage={storage}",
+                "tracking.wandb=disabled"]
+        job_id = submit_job(cluster, sets)
+        run_dir = storage / name
+        deadline = time.time() + 400
+        first = run_dir / ck.checkpoint_name(5)
+        while not ((first / ck.MARKER).exists() and [m for m in metric_lines(run_dir) if m.get("step", 0) >= 7]):
+            status = ptm("jobs", "status", job_id, "--address", cluster).stdout
+            assert time.time() < deadline and not any(s in status for s in ("STOPPED", "FAILED")), \
+                status + ptm("jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
+            time.sleep(0.5)
+        assert ck.read_meta(str(first))["world_size"] == 3
+        killed = time.time()
+        _stop_node(third, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", third_tmp], check=False)  # what the process group missed
+        while "SUCCEEDED" not in (status := ptm("jobs", "status", job_id, "--address", cluster).stdout):
+            assert time.time() < deadline and not any(s in status for s in ("STOPPED", "FAILED")), \
+                status + ptm("jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
+            time.sleep(2)
+    finally:
+        _stop_node(third, signal.SIGKILL)
+        shutil.rmtree(third_tmp, ignore_errors=True)
+    lines = metric_lines(run_dir)
+    (resize,) = [m for m in lines if "resize_from_workers" in m]
+    resumed = next(m for m in lines if "resumed_from" in m)
+    print(f"node killed; resumed at step {resize['step']} on {resize['workers']} workers, "
+          f"{time.time() - killed:.0f} s from the kill to the end of the run; resize: {resize}")
+    assert (resize["resize_from_workers"], resize["workers"], resize["grad_accum"]) == (3, 2, 3)
+    assert resumed["step"] == resize["step"] >= 5
+    worlds = {step: ck.read_meta(str(run_dir / ck.checkpoint_name(step)))["world_size"]
+              for step in range(5, 21, 5) if (run_dir / ck.checkpoint_name(step) / ck.MARKER).exists()}
+    print("world size of each complete checkpoint:", worlds)
+    assert worlds[5] == 3 and worlds[20] == 2
+    assert all(w == (3 if s <= resize["step"] else 2) for s, w in worlds.items())
+    final = ck.read_meta(str(run_dir / ck.checkpoint_name(20)))
+    assert final["batch"] == {"global": 24, "given": [4, 2]}
+    assert [(r["from"], r["to"]) for r in final["resizes"]] == [(3, 2)]
+    losses = {m["step"]: m["loss"] for m in lines if "loss" in m}
+    assert sorted(losses) == [10, 20] and all(math.isfinite(v) for v in losses.values())
+
+    seqs = read_sequence_log(str(run_dir))
+    per_step: dict[int, int] = {}
+    for rank_lines in seqs.values():
+        for ln in rank_lines:
+            per_step[ln["step"]] = per_step.get(ln["step"], 0) + len(ln["seqs"])
+    assert per_step == {s: 24 for s in range(1, 21)}  # the global batch on 3 workers, then on 2
+    consumed = [tuple(x) for rank_lines in seqs.values() for ln in rank_lines for x in ln["seqs"]]
+    for epoch, ids in plan_epoch_ids(load(None, sets)).items():
+        got = sorted(i for e, i in consumed if e == epoch)
+        print(f"epoch {epoch}: {len(got)} consumed, {len(set(got))} distinct, {len(ids)} in the epoch")
+        assert got == ids
 
 
 def test_a_drained_node_checkpoints_at_once_and_the_run_goes_on_without_it(cluster, shared):

@@ -10,28 +10,12 @@ import math
 
 import pytest
 from conftest import debug_job, read_lines
-from data_helpers import _shards
+from data_helpers import _shards, plan_epoch_ids
 
 from ptm_dist import checkpoint as ck
 from ptm_dist.data.idlog import read_sequence_log
-from ptm_dist.data.pipeline import SequenceStream
-from ptm_dist.data.prepare import prepare_data
 from ptm_dist.errors import ConfigError
 from ptm_dist.train.pretrain import pretrain
-
-
-def _epoch_ids(cfg) -> dict[int, list[int]]:
-    """The ids of epochs 0 and 1: one worker's plain plan, read in this process."""
-    data = prepare_data(cfg).for_workers()
-    stream = SequenceStream(list(data.train_shards), data.tokenizer_json, cfg.data.seq_len, data.special["eos"],
-                            cfg.run.seed, 0, 1, use_ray=False, shuffle_window=cfg.data.shuffle_window,
-                            pieces=list(data.train_pieces))
-    out: dict[int, list[int]] = {0: [], 1: []}
-    for seq_id, _ in stream:
-        if stream.position.epoch > 1:
-            return {e: sorted(ids) for e, ids in out.items()}
-        out[stream.position.epoch].append(seq_id)
-    raise AssertionError("unreachable: the stream is endless")
 
 
 def test_two_workers_then_one_then_two_keep_the_global_batch_and_each_sequence_once(tmp_path, ray_session):
@@ -79,7 +63,7 @@ def test_two_workers_then_one_then_two_keep_the_global_batch_and_each_sequence_o
             per_step[ln["step"]] = per_step.get(ln["step"], 0) + len(ln["seqs"])
     assert set(per_step.values()) == {8}  # the global batch, on 2, 1 and 2 workers
     consumed = [tuple(x) for rank_lines in seqs.values() for ln in rank_lines for x in ln["seqs"]]
-    expected = _epoch_ids(job(1, 60))
+    expected = plan_epoch_ids(job(1, 60))
     for epoch, ids in expected.items():
         got = sorted(i for e, i in consumed if e == epoch)
         print(f"epoch {epoch}: {len(got)} consumed, {len(set(got))} distinct, {len(ids)} in the epoch")

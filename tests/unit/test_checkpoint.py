@@ -292,3 +292,62 @@ def test_the_number_of_workers_may_change_and_the_global_batch_is_kept(tmp_path)
     changes = ("[ptm] the global batch changes at step 10: 24 -> 8 sequences per step (train.micro_batch 4 x 2 "
                "workers x train.grad_accum 1)")
     assert ck.resume_batch(str(d), own, 2) == (1, changes)
+
+
+def test_an_elastic_range_keeps_one_global_batch_on_every_size_or_says_what_to_set(tmp_path):
+    """scaling.num_workers [MIN, MAX]: the job's batch is defined at MAX workers and every size of
+    the range must keep it with a whole grad_accum; refused when the job is loaded (naming the
+    sizes and the grad_accum that works), and on resume against the checkpoint's global batch.
+    Each worker group's spec then carries the grad_accum for its size."""
+    from ptm_dist.train.spec import PretrainSpec
+
+    with pytest.raises(ConfigError) as e:
+        load(None, ["train.micro_batch=4", "scaling.num_workers=[2, 3]"])
+    assert str(e.value).endswith(
+        "scaling.num_workers [2, 3]: the global batch of 12 sequences per step (train.micro_batch 4 x 3 workers x "
+        "grad_accum 1) cannot be kept on 2 workers (grad_accum would not be whole): use train.grad_accum a "
+        "multiple of 2, or a range without those counts") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"on 3 workers .* a multiple of 3"):
+        load(None, ["train.micro_batch=4", "scaling.num_workers=[1, 4]"])
+    cfg = load(None, ["train.micro_batch=4", "train.grad_accum=2", "scaling.num_workers=[2, 3]"])
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers, cfg.scaling.elastic) == (2, 3, True)
+    assert load(None, ["scaling.num_workers=[2, 2]"]).scaling.num_workers == 2  # one size: not elastic
+    job = cfg.to_dict()
+    assert job["scaling"]["num_workers"] == [2, 3]
+    assert ck.elastic_batch(None, job, 2, 3) == (24, None)
+
+    spec = PretrainSpec(job=cfg, run_dir=str(tmp_path), data=None, batch_given=(4, 2), global_batch=24)
+    assert spec.for_world(3) is spec
+    assert spec.for_world(2).job.train.grad_accum == 3 and cfg.train.grad_accum == 2
+    with pytest.raises(ConfigError, match="5 workers x train.micro_batch 4 cannot keep the global batch of 24"):
+        spec.for_world(5)
+
+    # a checkpoint written on 2 workers of the range (grad_accum 3): its global batch is kept
+    d = make(tmp_path, 10, complete=False)
+    (d / "job.yaml").write_text(yaml.safe_dump(job))
+    ck.mark_complete(str(d), {"step": 10, "world_size": 2, "batch": {"global": 24, "given": [4, 2]}})
+    assert ck.elastic_batch(str(d), job, 2, 3) == (24, None)
+    assert ck.elastic_batch(str(d), job, 1, 3) == (24, None)  # 24 / 4 = 6 divides by 1, 2 and 3 workers
+    with pytest.raises(ConfigError) as e:
+        ck.elastic_batch(str(d), job, 4, 5)
+    assert str(e.value) == (
+        "scaling.num_workers [4, 5]: the global batch of 24 sequences per step (train.micro_batch 4 x 5 workers x "
+        "grad_accum 1.2) cannot be kept on 4, 5 workers (grad_accum would not be whole): use a range whose every "
+        "worker count divides 6 (the checkpoint's 24 sequences per step / train.micro_batch 4)")
+    # a job that changes its own batch runs with it (defined at MAX), and says so
+    own = {**job, "train": {**job["train"], "grad_accum": 4}}
+    assert ck.elastic_batch(str(d), own, 2, 3) == (48, ("[ptm] the global batch changes at step 10: 24 -> 48 "
+                                                   "sequences per step (train.micro_batch 4 x 3 workers x "
+                                                   "train.grad_accum 4)"))
+
+
+def test_only_pretraining_takes_a_range_of_workers():
+    cfg = load(None, ["train.grad_accum=2", "scaling.num_workers=[2, 3]"])
+    with pytest.raises(ConfigError) as e:
+        cfg.scaling.fixed_workers("ptm finetune")
+    assert str(e.value) == ("scaling.num_workers [2, 3]: ptm finetune runs on a fixed number of workers, not a "
+                            "range (only ptm pretrain is elastic); set one number, e.g. --set scaling.num_workers=3")
+    for bad in ("[3, 2]", "[0, 2]", "[1, 2, 3]", "0", "two"):
+        with pytest.raises(ConfigError, match="scaling.num_workers") as e:
+            load(None, [f"scaling.num_workers={bad}"])
+        assert "\n" not in str(e.value), bad

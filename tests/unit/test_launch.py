@@ -60,3 +60,19 @@ def test_gpu_resources_without_gpus_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=r"asks for 1 GPU per worker, but scaling.use_gpu is false"):
         Launch.resolve(2, False, {"GPU": 1})
     assert Launch.resolve(2, False, {"CPU": 2}).resources_per_worker == {"CPU": 2}
+
+
+def test_an_elastic_range_reaches_ray_train_as_min_and_max_with_its_resize_check():
+    from ptm_dist.config import load
+    from ptm_dist.launch import Launch, make_trainer
+
+    cfg = load(None, ["train.grad_accum=2", "scaling.num_workers=[2, 3]", "scaling.resize_check_s=15",
+                      "scaling.use_gpu=false"])
+    how = Launch.from_scaling(cfg.scaling)
+    assert (how.min_workers, how.num_workers, how.resize_check_s) == (2, 3, 15)
+    trainer = make_trainer(lambda config: None, {}, how, name="elastic", storage_path="/tmp/unused")
+    assert trainer.scaling_config.num_workers == (2, 3)
+    assert trainer.scaling_config.elastic_resize_monitor_interval_s == 15
+    fixed = make_trainer(lambda config: None, {}, Launch.from_scaling(load(None, ["scaling.use_gpu=false"]).scaling),
+                         name="fixed", storage_path="/tmp/unused")
+    assert fixed.scaling_config.num_workers == 2
