@@ -113,9 +113,9 @@ def _epoch_iter(stream):
         yield
 
 
-def plan_epoch_ids(cfg) -> dict[int, list[int]]:
-    """The sequence ids of a job's epochs 0 and 1 (sorted): one worker's plain plan, read in this
-    process, to compare with what a run's workers logged (data.log_sequence_ids)."""
+def plan_epoch_ids(cfg, epochs: int = 2) -> dict[int, list[int]]:
+    """The sequence ids of a job's first ``epochs`` epochs (sorted): one worker's plain plan, read
+    in this process, to compare with what a run's workers logged (data.log_sequence_ids)."""
     from ptm_dist.data.pipeline import SequenceStream
     from ptm_dist.data.prepare import prepare_data
 
@@ -123,9 +123,9 @@ def plan_epoch_ids(cfg) -> dict[int, list[int]]:
     stream = SequenceStream(list(data.train_shards), data.tokenizer_json, cfg.data.seq_len, data.special["eos"],
                             cfg.run.seed, 0, 1, use_ray=False, shuffle_window=cfg.data.shuffle_window,
                             pieces=list(data.train_pieces))
-    out: dict[int, list[int]] = {0: [], 1: []}
+    out: dict[int, list[int]] = {e: [] for e in range(epochs)}
     for seq_id, _ in stream:
-        if stream.position.epoch > 1:
+        if stream.position.epoch >= epochs:
             return {e: sorted(ids) for e, ids in out.items()}
         out[stream.position.epoch].append(seq_id)
     raise AssertionError("unreachable: the stream is endless")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-ROWS = 4  # sequences per optimizer step, all ranks together (the global batch)
+ROWS = 12  # sequences per optimizer step, all ranks together (the global batch): 1, 2, 3 or 4 ranks
 
 
 def _batch(step: int):
@@ -32,7 +32,7 @@ def _engine(stage: int, world: int, precision: str = "fp32"):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
                                        embd_pdrop=0.0, attn_pdrop=0.0))
-    micro = min(2, ROWS // world)
+    micro = 2 if ROWS % (2 * world) == 0 else 1
     spec = EngineSpec(OptimSpec(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=20, weight_decay=0.1,
                                 grad_clip=1.0, micro_batch=micro, grad_accum=ROWS // (world * micro)),
                       zero_stage=stage, precision=precision)

@@ -11,7 +11,6 @@ The worker node is handed the cluster token in RAY_AUTH_TOKEN (its ~/.ray is hid
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -94,14 +93,14 @@ def _start_worker_node() -> tuple[subprocess.Popen, str]:
     return proc, worker_tmp
 
 
-def _wait_for_nodes(n: int) -> None:
-    """Until the cluster has ``n`` live nodes."""
+def _wait_for_nodes(n: int, exactly: bool = False) -> None:
+    """Until the cluster has ``n`` live nodes (or more, unless ``exactly``)."""
     deadline = time.time() + 120
     while True:
         out = subprocess.run([f"{BIN}/ray", "status", f"--address={GCS['address']}"], capture_output=True,
                              text=True, env=NODE["env"], check=False).stdout
         active = out.split("Pending:")[0]
-        if active.count("node_") >= n:
+        if active.count("node_") == n or (active.count("node_") > n and not exactly):
             return
         assert time.time() < deadline, f"the cluster did not reach {n} nodes:\n{out}"
         time.sleep(2)
@@ -297,72 +296,109 @@ def test_a_bad_token_is_rejected_with_one_line(cluster):
         "(set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token)")
 
 
-def test_an_elastic_run_loses_a_node_and_finishes_on_the_two_left(cluster, shared):
-    """Issue 15's elastic range on three nodes: a third worker node joins, a job with
+def test_an_elastic_run_loses_a_node_goes_on_with_two_and_grows_back_to_three(cluster, shared, tmp_path):
+    """Issue 15's elastic range on three nodes: a third worker node joins; `ptm pretrain` with
     scaling.num_workers [2, 3] (one worker per node, through a resource each node offers once)
-    starts on all three; once it has a complete checkpoint, every process of the third node is
-    SIGKILLed (a machine gone, no notice). The run resumes from its newest complete checkpoint
-    on the two nodes left, grad_accum 2 -> 3 keeping the global batch of 24, and finishes; every
-    sequence of epochs 0 and 1 is consumed exactly once across the change."""
-    third, third_tmp = _start_worker_node()
+    starts on all three. Once it has a complete checkpoint, every process of the third node is
+    SIGKILLed (a machine gone, no notice): the run resumes from its newest complete checkpoint
+    on the two nodes left, grad_accum 2 -> 3 keeping the global batch of 24. Once it has written
+    a checkpoint on two, a fresh node joins and Ray Train's elastic policy (scaling.resize_check_s
+    5) grows the run back to three from its newest checkpoint. Every sequence of the first five
+    epochs is consumed exactly once across both changes.
+
+    The driver runs here with RAY_ADDRESS (as on a login node), so that a fault point can hold
+    the workers at step 40 until the test has seen the grow: the run cannot end on two workers
+    before capacity returns, however slow this machine is."""
+    storage, name = shared / "runs", "elastic3"
+    run_dir = storage / name
+    release = shared / "elastic-release"  # where every node's workers can see it
+    sets = [*DEBUG, f"data.sources=[{{path: {shared / 'elastic-corpus'}}}]", "data.val_fraction=0.2",
+            "data.shuffle_window=8", "data.seq_len=16", "data.piece_bytes=2000", "data.log_sequence_ids=true",
+            "scaling.num_workers=[2, 3]", f"scaling.resources_per_worker={{CPU: 1, {SLOT}: 1}}",
+            "scaling.resize_check_s=5", "train.grad_accum=2", "train.max_steps=45", "train.ckpt_every=5",
+            "train.eval_every=1000", "train.keep_ckpts=20", "train.max_failures=3", f"run.name={name}",
+            f"run.storage={storage}", "tracking.wandb=disabled"]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": GCS["address"],
+           "PTM_FAULT": "train.step@40:wait", "PTM_FAULT_RELEASE": str(release)}
+    nodes = [_start_worker_node()]
+    driver = None
+    out = tmp_path / "driver.log"
     try:
         _wait_for_nodes(3)
-        corpus = shared / "elastic-corpus"
-        corpus.mkdir()
-        _shards(corpus)
-        storage, name = shared / "runs", "elastic3"
-        sets = [*DEBUG, f"data.sources=[{{path: {corpus}}}]", "data.val_fraction=0.2", "data.shuffle_window=8",
-                "data.seq_len=16", "data.piece_bytes=2000", "data.log_sequence_ids=true",
-                "scaling.num_workers=[2, 3]", f"scaling.resources_per_worker={{CPU: 1, {SLOT}: 1}}",
-                "train.grad_accum=2", "train.max_steps=20", "train.ckpt_every=5", "train.eval_every=1000",
-                "train.keep_ckpts=10", "train.max_failures=3", f"run.name={name}", f"run.storage={storage}",
-                "tracking.wandb=disabled"]
-        job_id = submit_job(cluster, sets)
-        run_dir = storage / name
-        deadline = time.time() + 400
-        first = run_dir / ck.checkpoint_name(5)
-        while not ((first / ck.MARKER).exists() and [m for m in metric_lines(run_dir) if m.get("step", 0) >= 7]):
-            status = ptm("jobs", "status", job_id, "--address", cluster).stdout
-            assert time.time() < deadline and not any(s in status for s in ("STOPPED", "FAILED")), \
-                status + ptm("jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
-            time.sleep(0.5)
-        assert ck.read_meta(str(first))["world_size"] == 3
+        (shared / "elastic-corpus").mkdir()
+        _shards(shared / "elastic-corpus")
+        with open(out, "w") as log:
+            driver = subprocess.Popen([sys.executable, "-m", "ptm_dist.cli", "pretrain",
+                                       *[a for x in sets for a in ("--set", x)]],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 600
+
+        def until(what: str, ready) -> float:
+            while not ready():
+                assert driver.poll() is None, f"the driver exited before {what}:\n{out.read_text()[-3000:]}"
+                assert time.time() < deadline, f"no {what} in time:\n{out.read_text()[-3000:]}"
+                time.sleep(0.5)
+            return time.time()
+
+        def resizes() -> list[dict]:
+            return [m for m in metric_lines(run_dir) if "resize_from_workers" in m]
+
+        def complete(step: int) -> bool:
+            return (run_dir / ck.checkpoint_name(step) / ck.MARKER).exists()
+
+        until("checkpoint at step 5", lambda: complete(5) and [m for m in metric_lines(run_dir)
+                                                              if m.get("step", 0) >= 7])
+        assert ck.read_meta(str(run_dir / ck.checkpoint_name(5)))["world_size"] == 3
         killed = time.time()
+        third, third_tmp = nodes[0]
         _stop_node(third, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", third_tmp], check=False)  # what the process group missed
-        while "SUCCEEDED" not in (status := ptm("jobs", "status", job_id, "--address", cluster).stdout):
-            assert time.time() < deadline and not any(s in status for s in ("STOPPED", "FAILED")), \
-                status + ptm("jobs", "logs", job_id, "--address", cluster).stdout[-3000:]
-            time.sleep(2)
+        shrunk = until("resize to 2 workers", lambda: resizes())
+        step = resizes()[0]["step"]
+        until("checkpoint on 2 workers", lambda: complete(step + 5))
+        nodes.append(_start_worker_node())
+        joined = time.time()
+        grown = until("resize back to 3 workers", lambda: len(resizes()) >= 2)
+        release.write_text("go")
+        assert driver.wait(timeout=max(1, deadline - time.time())) == 0, out.read_text()[-3000:]
     finally:
-        _stop_node(third, signal.SIGKILL)
-        shutil.rmtree(third_tmp, ignore_errors=True)
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        for proc, tmp in nodes:  # the node that joined stops cleanly: Ray knows at once it is gone
+            _stop_node(proc)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _stop_node(proc, signal.SIGKILL)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _wait_for_nodes(2, exactly=True)  # the next test finds the cluster as the fixture made it
+    text = out.read_text()
+    print(text[-1500:])
     lines = metric_lines(run_dir)
-    (resize,) = [m for m in lines if "resize_from_workers" in m]
-    resumed = next(m for m in lines if "resumed_from" in m)
-    print(f"node killed; resumed at step {resize['step']} on {resize['workers']} workers, "
-          f"{time.time() - killed:.0f} s from the kill to the end of the run; resize: {resize}")
-    assert (resize["resize_from_workers"], resize["workers"], resize["grad_accum"]) == (3, 2, 3)
-    assert resumed["step"] == resize["step"] >= 5
-    worlds = {step: ck.read_meta(str(run_dir / ck.checkpoint_name(step)))["world_size"]
-              for step in range(5, 21, 5) if (run_dir / ck.checkpoint_name(step) / ck.MARKER).exists()}
+    changes = [(m["step"], m["resize_from_workers"], m["workers"], m["grad_accum"]) for m in resizes()]
+    print(f"resizes {changes}; the shrink {shrunk - killed:.0f} s after the kill, the grow {grown - joined:.0f} s "
+          "after the new node's `ray start`")
+    (down, up) = changes
+    assert down[1:] == (3, 2, 3) and up[1:] == (2, 3, 2) and 5 <= down[0] < up[0] <= 40
+    resumed = [m["step"] for m in lines if "resumed_from" in m]
+    assert resumed == [down[0], up[0]]
+    worlds = {s: ck.read_meta(str(run_dir / ck.checkpoint_name(s)))["world_size"]
+              for s in range(5, 46, 5) if complete(s)}
     print("world size of each complete checkpoint:", worlds)
-    assert worlds[5] == 3 and worlds[20] == 2
-    assert all(w == (3 if s <= resize["step"] else 2) for s, w in worlds.items())
-    final = ck.read_meta(str(run_dir / ck.checkpoint_name(20)))
+    assert worlds == {s: 3 if s <= down[0] or s > up[0] else 2 for s in range(5, 46, 5)}
+    final = ck.read_meta(str(run_dir / ck.checkpoint_name(45)))
     assert final["batch"] == {"global": 24, "given": [4, 2]}
-    assert [(r["from"], r["to"]) for r in final["resizes"]] == [(3, 2)]
-    losses = {m["step"]: m["loss"] for m in lines if "loss" in m}
-    assert sorted(losses) == [10, 20] and all(math.isfinite(v) for v in losses.values())
+    assert [(r["from"], r["to"]) for r in final["resizes"]] == [(3, 2), (2, 3)]
+    assert "2 workers of scaling.num_workers [2, 3] (train.grad_accum 3 keeps the global batch of 24" in text
 
     seqs = read_sequence_log(str(run_dir))
     per_step: dict[int, int] = {}
     for rank_lines in seqs.values():
         for ln in rank_lines:
             per_step[ln["step"]] = per_step.get(ln["step"], 0) + len(ln["seqs"])
-    assert per_step == {s: 24 for s in range(1, 21)}  # the global batch on 3 workers, then on 2
+    assert per_step == {s: 24 for s in range(1, 46)}  # the global batch on 3, 2 and 3 workers
     consumed = [tuple(x) for rank_lines in seqs.values() for ln in rank_lines for x in ln["seqs"]]
-    for epoch, ids in plan_epoch_ids(load(None, sets)).items():
+    for epoch, ids in plan_epoch_ids(load(None, sets), epochs=5).items():
         got = sorted(i for e, i in consumed if e == epoch)
         print(f"epoch {epoch}: {len(got)} consumed, {len(set(got))} distinct, {len(ids)} in the epoch")
         assert got == ids
