@@ -272,9 +272,7 @@ def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | Non
     if (micro, grad_accum) != given:
         if micro * grad_accum * workers == total:
             return grad_accum, None
-        return grad_accum, (f"[ptm] the global batch changes at step {meta['step']}: {total} -> "
-                            f"{micro * grad_accum * workers} sequences per step (train.micro_batch {micro} x "
-                            f"{workers} workers x train.grad_accum {grad_accum})")
+        return grad_accum, _batch_changes(meta["step"], total, micro, workers, grad_accum)
     if total % (micro * workers):
         fits = [w for w in range(1, total // micro + 1) if total % (micro * w) == 0]
         raise ConfigError(
@@ -288,6 +286,12 @@ def resume_batch(ckpt_dir: str, job: dict, workers: int) -> tuple[int, str | Non
     moved = f"{old_world} -> {workers} workers: " if old_world != workers else f"on {workers} workers (as resized): "
     return accum, (f"[ptm] {moved}train.grad_accum {grad_accum} -> {accum} keeps the global batch of {total} "
                    f"sequences per step (train.micro_batch {micro} x {workers} x {accum})")
+
+
+def _batch_changes(step: int, old_total: int, micro: int, workers: int, grad_accum: int) -> str:
+    """The line saying that a job which changed its own batch settings changes the global batch."""
+    return (f"[ptm] the global batch changes at step {step}: {old_total} -> {micro * grad_accum * workers} "
+            f"sequences per step (train.micro_batch {micro} x {workers} workers x train.grad_accum {grad_accum})")
 
 
 def _checkpoint_batch(ckpt_dir: str) -> tuple[dict, tuple[int, int], int]:
@@ -320,8 +324,7 @@ def elastic_batch(ckpt_dir: str | None, job: dict, low: int, high: int) -> tuple
         if (micro, grad_accum) == given:
             total, kept = old_total, True
         elif old_total != total:
-            line = (f"[ptm] the global batch changes at step {meta['step']}: {old_total} -> {total} sequences "
-                    f"per step (train.micro_batch {micro} x {high} workers x train.grad_accum {grad_accum})")
+            line = _batch_changes(meta["step"], old_total, micro, high, grad_accum)
     problem = range_batch_problem(total, micro, low, high, kept)
     if problem:
         raise ConfigError(f"scaling.num_workers [{low}, {high}]: {problem}")

@@ -144,7 +144,6 @@ def cluster(tmp_path_factory, s3_endpoint):
         procs.append(proc)
         temps.append(worker_tmp)
         _wait_for_nodes(2)
-        NODE["temps"] = temps
         yield address
     finally:
         for p in procs:
