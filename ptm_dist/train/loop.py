@@ -376,6 +376,19 @@ class Trainer:
 STARTUP_FILE = "startup.json"
 
 
+def first_group_of_command(run_dir: str, launched_at: float | None) -> bool:
+    """True unless STARTUP_FILE already holds a worker group started by this command (one that
+    started at or after ``launched_at``): a group Ray Train restarted after a failure or resize
+    must not replace the command's own start-up with its own, which counts the steps before it."""
+    path = storage.join(run_dir, STARTUP_FILE)
+    if launched_at is None or not storage.exists(path):
+        return True
+    try:
+        return json.loads(storage.read_text(path))["worker_start"] < launched_at
+    except (ValueError, KeyError, TypeError):
+        return True  # unreadable: write a fresh one
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker).
 
@@ -494,7 +507,7 @@ def _train_loop(spec: PretrainSpec) -> None:
             t_commit = time.perf_counter()
             finish_upload(tr, log)
             paused += time.perf_counter() - t_commit
-        if rank == 0 and tr.step == start_step + 1:
+        if rank == 0 and tr.step == start_step + 1 and first_group_of_command(tr.run_dir, spec.launched_at):
             storage.write_text(storage.join(tr.run_dir, STARTUP_FILE), json.dumps({
                 "worker_start": worker_start, "model_ready": model_ready, "loop_start": loop_start,
                 "first_batch_wait_s": waited, "first_step": time.time(), "step": tr.step}) + "\n")

@@ -135,7 +135,7 @@ def _train(cfg: JobConfig, run_dir: str, worker_data, logs: runlogs.RunLogs, sta
             follower = progress.BoardFollower(board, cfg.train.max_steps, first_step)
         spec = PretrainSpec(job=cfg, run_dir=run_dir, data=worker_data, start=start, faults=faults.for_workers(),
                             progress_board=board, eval_tasks=tasks, batch_given=batch_given,
-                            global_batch=global_batch)
+                            global_batch=global_batch, launched_at=time.time())
         trainer = launch.make_trainer(train_loop, {"spec": spec}, how, name=cfg.run.name,
                                       storage_path=storage.absolute(cfg.run.storage),
                                       max_failures=cfg.train.max_failures)

@@ -36,6 +36,9 @@ class PretrainSpec:
     # scaling.num_workers [MIN, MAX]: the sequences per optimizer step every worker group keeps
     # (ptm_dist.checkpoint.elastic_batch); its train.grad_accum follows from its size (for_world)
     global_batch: int | None = None
+    # the driver's time.time() when this command launched the workers: a group that Ray Train
+    # restarted later (a lost worker, an elastic resize) leaves the command's start-up record alone
+    launched_at: float | None = None
 
     def for_world(self, world: int) -> PretrainSpec:
         """This spec for a group of ``world`` workers: with a global batch, train.grad_accum set to

@@ -30,6 +30,7 @@ from ptm_dist import checkpoint as ck
 from ptm_dist import faults
 from ptm_dist.data.idlog import read_sequence_log
 from ptm_dist.errors import WorkerFailedError, user_message
+from ptm_dist.train.loop import STARTUP_FILE
 from ptm_dist.train.pretrain import pretrain
 
 TESTS = Path(__file__).parent  # this file's directory; tests/ (conftest) is its parent
@@ -212,6 +213,8 @@ def test_a_killed_worker_and_a_worker_crashing_inside_a_save_are_replaced_and_th
     assert (Path(run_dir) / "checkpoint_00000030" / "COMPLETE").exists()
     assert [got[s] for s in range(1, 41)] == [ref_losses[s] for s in range(1, 41)]
     assert diff == 0.0
+    # The summary's start-up stays the first group's (its first step is step 1), not a replaced one's.
+    assert json.loads((Path(run_dir) / STARTUP_FILE).read_text())["step"] == 1
 
 
 # ---------------------------------------------------------------- 4. driver kill, same command again
