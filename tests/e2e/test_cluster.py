@@ -82,15 +82,28 @@ def _start_worker_node() -> tuple[subprocess.Popen, str]:
     home = Path.home()
     worker_env = {k: v for k, v in NODE["env"].items() if k != "PTM_DIST_CACHE"}
     worker_env.update(HOME=f"{worker_tmp}/home", RAY_AUTH_TOKEN=(home / ".ray" / "auth_token").read_text().strip())
-    # DeepSpeed's CPU comm op, built once per machine (about 2 minutes): the node reads a
-    # copy, as an image would carry it, instead of building it again.
-    built = home / ".cache" / "torch_extensions"
-    if built.is_dir():
-        shutil.copytree(built, f"{worker_tmp}/torch_extensions")
+    # DeepSpeed's CPU comm op, built once per machine (30 s to 2 minutes): the node reads a copy
+    # of this environment's build, as an image would carry it, instead of building it again.
+    shutil.copytree(NODE["comm_op"], f"{worker_tmp}/torch_extensions")
     worker_env["TORCH_EXTENSIONS_DIR"] = f"{worker_tmp}/torch_extensions"
     proc = _ray_start([f"--address={GCS['address']}", f"--temp-dir={worker_tmp}", f"--resources={{\"{SLOT}\": 1}}"],
                       worker_env, hide=[d for d in NODE["hidden"] if Path(d).is_dir()])
     return proc, worker_tmp
+
+
+def _comm_op_build() -> str:
+    """The directory holding this Python environment's build of DeepSpeed's CPU comm op (built
+    here if no earlier test built it). A build records the paths of the DeepSpeed it was made
+    from: a node given another environment's build (~/.cache/torch_extensions as a whole, which
+    holds every checkout's) rebuilt it, 30 s alone on the 2-core machine, once per node."""
+    from ptm_dist.dist import use_environment_extensions_dir
+
+    path = use_environment_extensions_dir()
+    if not os.path.isdir(os.path.join(path, "deepspeed_shm_comm")):
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
+    return path
 
 
 def _wait_for_nodes(n: int, exactly: bool = False) -> None:
@@ -124,8 +137,8 @@ def cluster(tmp_path_factory, s3_endpoint):
         env.pop(key, None)
     GCS["address"] = f"127.0.0.1:{gcs}"
     home = Path.home()
-    NODE.update(env=env, hidden=[str(tmp_path_factory.getbasetemp().parent), "/tmp/ray", str(home / ".cache"),
-                                 str(home / ".ray")])
+    hidden = [str(tmp_path_factory.getbasetemp().parent), "/tmp/ray", str(home / ".cache"), str(home / ".ray")]
+    NODE.update(env=env, comm_op=_comm_op_build(), hidden=hidden)
     # A worker group that cannot start (a node gone but not yet declared dead) is given up after
     # this long and the next size tried: 30 s instead of Ray Train's 60 (the controller runs here).
     head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -148,9 +161,12 @@ def cluster(tmp_path_factory, s3_endpoint):
     finally:
         for p in procs:
             _stop_node(p)
+        # 10 s for all of them together: each `ray start --block` took 10-30 s to end on SIGTERM,
+        # one after the other (teardown measured at 32 s), and this test cluster is done with.
+        deadline = time.time() + 10
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 _stop_node(p, signal.SIGKILL)
         for t in temps:
