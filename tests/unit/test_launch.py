@@ -76,3 +76,22 @@ def test_an_elastic_range_reaches_ray_train_as_min_and_max_with_its_resize_check
     fixed = make_trainer(lambda config: None, {}, Launch.from_scaling(load(None, ["scaling.use_gpu=false"]).scaling),
                          name="fixed", storage_path="/tmp/unused")
     assert fixed.scaling_config.num_workers == 2
+
+
+def test_ray_trains_controller_polls_every_half_second_unless_the_user_set_it():
+    """Every Ray process of a ptm job (local or submitted) gets the controller's poll interval;
+    a value already in the user's environment wins. A bare interpreter per case: WORKER_ENV is
+    fixed when ptm_dist.launch is imported."""
+    import os
+    import subprocess
+    import sys
+
+    from ptm_dist.launch import HEALTH_CHECK_KEY
+
+    code = "from ptm_dist.launch import WORKER_ENV; print(WORKER_ENV['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'])"
+    for given, want in ((None, "0.5"), ("3", "3")):
+        env = {k: v for k, v in os.environ.items() if k != HEALTH_CHECK_KEY}
+        if given is not None:
+            env[HEALTH_CHECK_KEY] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, out.stderr
