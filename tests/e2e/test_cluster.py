@@ -126,6 +126,20 @@ def _stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         pass
 
 
+def _stop_nodes(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM to every node's `ray start`, then SIGKILL to those still running ``grace_s``
+    seconds later (one deadline for all: each took 10-30 s to end on SIGTERM, so waiting on
+    them in turn added up; the fixture's teardown took 32 s that way)."""
+    for p in procs:
+        _stop_node(p)
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            _stop_node(p, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_endpoint):
     gcs, dash = _ports(2)
@@ -159,16 +173,7 @@ def cluster(tmp_path_factory, s3_endpoint):
         _wait_for_nodes(2)
         yield address
     finally:
-        for p in procs:
-            _stop_node(p)
-        # 10 s for all of them together: each `ray start --block` took 10-30 s to end on SIGTERM,
-        # one after the other (teardown measured at 32 s), and this test cluster is done with.
-        deadline = time.time() + 10
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _stop_node(p, signal.SIGKILL)
+        _stop_nodes(procs, grace_s=10)  # this test cluster is done with
         for t in temps:
             shutil.rmtree(t, ignore_errors=True)
 
@@ -379,12 +384,9 @@ def test_an_elastic_run_loses_a_node_goes_on_with_two_and_grows_back_to_three(cl
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
-        for proc, tmp in nodes:  # the node that joined stops cleanly: Ray knows at once it is gone
-            _stop_node(proc)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _stop_node(proc, signal.SIGKILL)
+        # The node that joined stops cleanly (SIGTERM first): Ray knows at once it is gone.
+        _stop_nodes([proc for proc, _ in nodes], grace_s=30)
+        for _, tmp in nodes:
             shutil.rmtree(tmp, ignore_errors=True)
         _wait_for_nodes(2, exactly=True)  # the next test finds the cluster as the fixture made it
     text = out.read_text()
