@@ -54,6 +54,6 @@ def test_a_restarted_worker_group_keeps_the_commands_start_up_record(tmp_path):
     assert not first_group_of_command(run_dir, launched_at)  # a restarted group leaves it alone
     assert first_group_of_command(run_dir, None)  # callers without a launch time always write
     line = startup_line(run_dir, marks)
-    assert line.startswith("time to first step: 17.0s (data and tokenizer 2.0s, Ray start 8.0s, workers start 2.0s, "
-                           "model and engine 3.0s, resume, tracking, step-0 evaluation 1.0s, first batch 0.5s, "
-                           "first step 0.5s)"), line
+    assert line == ("time to first step: 17.0s (data and tokenizer 2.0s, Ray start 8.0s, workers start 2.0s, "
+                    "model and engine 3.0s, resume, tracking, step-0 evaluation 1.0s, first batch 0.5s, "
+                    "first step 0.5s)"), line
